@@ -1,0 +1,14 @@
+"""fxcanon: exact BatchNorm canonization of torch.fx graphs."""
+
+from . import passes
+from .canonicalize import canonicalize, trace
+from .errors import CanonizationError
+from .modules import (FusedConv1d, FusedConv2d, FusedConv3d, FusedConvTranspose1d, FusedConvTranspose2d,
+                      FusedConvTranspose3d, FusedLinear)
+from .report import Report, get_report
+
+__all__ = [
+    "CanonizationError", "FusedConv1d", "FusedConv2d", "FusedConv3d", "FusedConvTranspose1d",
+    "FusedConvTranspose2d", "FusedConvTranspose3d", "FusedLinear", "Report", "canonicalize", "get_report",
+    "passes", "trace",
+]

@@ -1,0 +1,315 @@
+"""Affine analysis: where a BatchNorm's map ``s * x + t`` can be folded. Reads the graph only.
+
+Forward: the BatchNorm's input is a linear layer's output used by nothing else.
+
+Backward: every use of the BatchNorm's output reaches a linear layer's *input* through ops that
+move or copy features without mixing them (view, permute, cat with other tensors, repeat,
+getitem, average pooling, ...; section 4 of the design notes). The analysis runs those ops on a
+tensor of *feature ids* (BatchNorm channel ``c`` is ``c + 1``, anything else is ``-1``), shaped
+like the real values recorded by shape propagation: the ids arriving at a Linear must be the same
+in every row, at a convolution the same at every position of a channel. Then the layer's input
+column (or channel) ``k`` sees BatchNorm channel ``ids[k] - 1`` or the identity (A.23-A.26).
+Without recorded shapes only direct uses (BatchNorm -> layer, BatchNorm -> constant pad -> conv)
+are analysed.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from .views import (BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view, is_shape_query,
+                    linear_view)
+
+VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
+
+_MOVE_METHODS = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "movedim", "unsqueeze", "squeeze",
+    "repeat", "expand", "expand_as", "contiguous", "clone", "narrow", "chunk", "split", "__getitem__",
+}
+_MOVE_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.movedim, torch.unsqueeze, torch.squeeze,
+    torch.cat, torch.concat, torch.stack, torch.narrow, torch.chunk, torch.split, torch.clone, torch.t,
+    operator.getitem,
+}
+_MOVE_MODULES = (
+    nn.Flatten, nn.Unflatten, nn.Identity,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
+)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+# ops whose other tensor arguments are data of their own (identity features)
+_JOINS = {torch.cat, torch.concat, torch.stack, "expand_as"}
+
+_AVERAGE_FUNCTIONS = {
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, torch.mean,
+}
+_AVERAGE_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_MAX_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                  F.adaptive_max_pool3d}
+_MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_ADAPTIVE_MAX_ARGS = ("input", "output_size", "return_indices")
+_AVG_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
+class _Stop(Exception):
+    """The path cannot carry the affine map; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ForwardFold:
+    """``BN(layer(x))``: fold into the producer's output channels."""
+
+    bn: BatchNormView
+    producer: LinearView
+
+
+@dataclass(frozen=True)
+class Sink:
+    """A linear layer whose input column/channel ``k`` sees BatchNorm channel ``channel_map[k]`` (-1: none)."""
+
+    view: LinearView
+    channel_map: Tensor
+    path: tuple[str, ...] = ()
+    pad: ConstantPadView | None = None  # explicit constant padding right before a convolution
+
+
+@dataclass
+class BackwardFold:
+    """Fold into ``sinks``; ``rewired`` users then read the BatchNorm's input instead of its output."""
+
+    bn: BatchNormView
+    sinks: list[Sink] = field(default_factory=list)
+    rewired: list[Node] = field(default_factory=list)
+    left_reason: str | None = None  # why some users keep the BatchNorm
+
+
+def forward_fold(gm: GraphModule, bn: BatchNormView) -> ForwardFold | str:
+    """A forward fold of ``bn``, or the reason there is none."""
+    producer = linear_view(gm, bn.input)
+    if producer is None:
+        return f"input {bn.input.name} is not a Linear/Conv/ConvTranspose layer"
+    if len(bn.input.users) != 1:
+        return f"output of {bn.input.name} has other users besides the BatchNorm"
+    rank = bn.input_rank()
+    if rank is None:
+        return "rank of the normalized tensor unknown (pass example_inputs to prove the channel axis)"
+    if rank != producer.batched_rank or producer.out_channels != bn.num_features:
+        return f"channel axis of {bn.input.name}'s output is not the BatchNorm's"
+    return ForwardFold(bn, producer)
+
+
+def _ids_to_map(ids: Tensor) -> Tensor:
+    if not bool(((ids == -1) | ((ids >= 1) & (ids == ids.round()))).all()):
+        raise _Stop("features are mixed on the way")
+    return torch.where(ids > 0, ids - 1, ids).long()
+
+
+def _channel_map(view: LinearView, ids: Tensor) -> Tensor:
+    """The BatchNorm channel each input column/channel of ``view`` sees, from the ids at its input."""
+    name = view.node.name
+    if view.spatial_dims == 0:
+        if ids.dim() < 1 or ids.shape[-1] != view.in_channels:
+            raise _Stop(f"{name}: feature axis is not the Linear's input axis")
+        rows = ids.reshape(-1, view.in_channels)
+    else:
+        if ids.dim() != view.batched_rank:
+            raise _Stop(f"{name}: unbatched or unexpected input rank")
+        rows = ids.transpose(0, 1).reshape(ids.shape[1], -1).T
+    if rows.shape[0] == 0 or not bool((rows == rows[0]).all()):
+        raise _Stop(f"{name}: a BatchNorm channel does not map to one input {'column' if view.spatial_dims == 0 else 'channel'}")
+    return _ids_to_map(rows[0])
+
+
+def _pad_sink(gm: GraphModule, pad: ConstantPadView) -> LinearView | None:
+    """The convolution right after constant padding, if the padding feeds only it (spatial axes only)."""
+    if len(pad.node.users) != 1:
+        return None
+    conv = linear_view(gm, next(iter(pad.node.users)))
+    if conv is None or conv.transposed or conv.spatial_dims == 0 or conv.input is not pad.node:
+        return None
+    if len(pad.pad) > 2 * conv.spatial_dims or min(pad.pad) < 0:
+        return None
+    if conv.input_pad and conv.input_pad != pad.pad:
+        return None
+    return conv
+
+
+class _ConePropagation:
+    """Runs the uses of one BatchNorm on feature ids (see module docstring)."""
+
+    def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor) -> None:
+        self.gm, self.bn, self.s = gm, bn, s
+        self.ids: dict[Node, Any] = {}
+        self.paths: dict[Node, tuple[str, ...]] = {}
+        self.sinks: list[Sink] = []
+        self.handled: set[Node] = set()
+
+    def _meta_shape(self, node: Node) -> tuple[int, ...]:
+        meta = node.meta.get("tensor_meta")
+        if not hasattr(meta, "shape"):
+            raise _Stop(f"{node.name}: no recorded shape (pass example_inputs)")
+        return tuple(meta.shape)
+
+    def run(self) -> list[Sink]:
+        shape = self._meta_shape(self.bn.node)
+        if len(shape) < 2:
+            raise _Stop("normalized tensor has no channel axis")
+        ids = torch.arange(1, shape[1] + 1, dtype=torch.float64).reshape(1, -1, *([1] * (len(shape) - 2)))
+        self.ids[self.bn.node] = ids.expand(shape).contiguous()
+        self.paths[self.bn.node] = ()
+        for node in self.gm.graph.nodes:
+            if node in self.handled or node is self.bn.node:
+                continue
+            if any(arg in self.ids for arg in node.all_input_nodes):
+                self._visit(node)
+        return self.sinks
+
+    def _visit(self, node: Node) -> None:
+        cone_args = [arg for arg in node.all_input_nodes if arg in self.ids]
+        path = self.paths[cone_args[0]]
+        if is_shape_query(node):
+            return
+        view = linear_view(self.gm, node)
+        if view is not None and cone_args == [view.input]:
+            self.sinks.append(Sink(view, _channel_map(view, self.ids[view.input]), path))
+            return
+        pad = constant_pad_view(self.gm, node)
+        if pad is not None and cone_args == [pad.input]:
+            conv = _pad_sink(self.gm, pad)
+            if conv is None:
+                raise _Stop(f"{node.name}: constant padding that does not feed a convolution directly")
+            self.sinks.append(Sink(conv, _channel_map(conv, self.ids[pad.input]), path, pad))
+            self.handled.add(conv.node)
+            return
+        self.ids[node] = self._propagate(node)
+        self.paths[node] = path + (node.name,)
+
+    def _lookup(self, node: Node, joins: bool) -> Any:
+        if node in self.ids:
+            return self.ids[node]
+        if VALUE_KEY in node.meta:
+            return node.meta[VALUE_KEY]
+        if joins and hasattr(node.meta.get("tensor_meta"), "shape"):
+            return torch.full(self._meta_shape(node), -1.0, dtype=torch.float64)
+        raise _Stop(f"{node.name}: mixes the BatchNorm's output with another tensor")
+
+    def _propagate(self, node: Node) -> Any:
+        if node.op == "output":
+            raise _Stop("the BatchNorm's output reaches the model output")
+        kind = self._kind(node)
+        if kind is None:
+            raise _Stop(f"{node.name} ({node.op} {_target_name(node.target)}) mixes features non-linearly")
+        joins = node.target in _JOINS
+        args = map_arg(node.args, lambda n: self._lookup(n, joins))
+        kwargs = map_arg(node.kwargs, lambda n: self._lookup(n, joins))
+        run = self._runner(node)
+        out = run(*args, **kwargs)
+        if kind == "average":
+            if not bool((run(*_squared(args), **kwargs) == out * out).all()):
+                raise _Stop(f"{node.name}: averages over different features")
+        elif kind == "max":
+            if not bool((-run(*_negated(args), **kwargs) == out).all()):
+                raise _Stop(f"{node.name}: takes a maximum over different features")
+            channels = _ids_to_map(out.flatten())
+            if bool((self.s[channels[channels >= 0].unique()] < 0).any()):
+                raise _Stop(f"{node.name}: max pooling does not commute with a negative BatchNorm scale")
+        return out
+
+    def _runner(self, node: Node) -> Any:
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)
+        if node.op == "call_method":
+            return lambda self_, *a, **k: getattr(self_, node.target)(*a, **k)
+        return node.target
+
+    def _kind(self, node: Node) -> str | None:
+        if node.op == "call_method":
+            return "move" if node.target in _MOVE_METHODS else "average" if node.target == "mean" else None
+        if node.op == "call_function":
+            if node.target in _MOVE_FUNCTIONS:
+                return "move"
+            if node.target is F.dropout:
+                return "move" if not bind_args(node, ("input", "p", "training")).get("training", True) else None
+            if node.target is F.pad:
+                return "move" if bind_args(node, ("input", "pad", "mode")).get("mode", "constant") != "constant" \
+                    else None
+            if node.target in _AVERAGE_FUNCTIONS:
+                return "average" if bind_args(node, _AVG_POOL_ARGS).get("divisor_override") is None else None
+            if node.target in _MAX_FUNCTIONS:
+                names = _ADAPTIVE_MAX_ARGS if "adaptive" in node.target.__name__ else _MAX_POOL_ARGS
+                return None if bind_args(node, names).get("return_indices", False) else "max"
+            return None
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if isinstance(module, _MOVE_MODULES) or (isinstance(module, _DROPOUT_MODULES) and not module.training):
+                return "move"
+            if isinstance(module, _AVERAGE_MODULES):
+                return "average" if getattr(module, "divisor_override", None) is None else None
+            if isinstance(module, _MAX_MODULES) and not module.return_indices:
+                return "max"
+        return None
+
+
+def _squared(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0] * args[0], *args[1:])
+
+
+def _negated(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (-args[0], *args[1:])
+
+
+def _target_name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node) -> Sink | str:
+    """A sink for a direct use of ``bn`` needing no recorded shapes, or the reason it is none."""
+    pad = constant_pad_view(gm, user)
+    view = _pad_sink(gm, pad) if pad is not None and pad.input is bn.node else linear_view(gm, user)
+    if view is None or (pad is None and view.input is not bn.node) or \
+            any(arg is bn.node for arg in view.node.all_input_nodes if arg is not view.input):
+        return f"{user.name} ({_target_name(user.target)}) is not a linear layer"
+    rank = bn.input_rank()
+    if rank is None:
+        return f"{user.name}: rank of the normalized tensor unknown (pass example_inputs)"
+    if rank != view.batched_rank or view.in_channels != bn.num_features:
+        return f"{user.name}: its input axis is not the BatchNorm's channel axis"
+    return Sink(view, torch.arange(bn.num_features), (), pad)
+
+
+def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor) -> BackwardFold | str:
+    """Where ``bn`` can be folded into the layers that consume it, or the reason it cannot."""
+    users = list(bn.node.users)
+    try:
+        sinks = _ConePropagation(gm, bn, s).run()
+        return BackwardFold(bn, sinks, users)
+    except _Stop as stop:
+        whole = str(stop)
+    plan = BackwardFold(bn)
+    reasons = []
+    for user in users:
+        sink = _direct_sink(gm, bn, user)
+        if isinstance(sink, Sink):
+            plan.sinks.append(sink)
+            plan.rewired.append(user)
+        elif is_shape_query(user):
+            plan.rewired.append(user)
+        else:
+            reasons.append(sink)
+    if not plan.sinks:
+        return whole
+    plan.left_reason = f"kept for {'; '.join(reasons)}" if reasons else None
+    return plan

@@ -1,0 +1,85 @@
+"""The front door: ``canonicalize(model)``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, symbolic_trace
+from torch.fx.passes.infra.pass_manager import PassManager
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .affine import VALUE_KEY
+from .errors import CanonizationError
+from .passes import DEFAULT_PASSES, CanonizationPass
+from .report import REPORT_KEY, Report
+
+
+class _ShapeRecorder(ShapeProp):
+    """ShapeProp that also keeps small non-tensor results (sizes, ints) for the affine analysis."""
+
+    def run_node(self, n: Any) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, (int, float, bool, torch.Size)) or (
+                isinstance(result, (tuple, list)) and all(isinstance(r, (int, float, bool)) for r in result)):
+            n.meta[VALUE_KEY] = result
+        return result
+
+
+def trace(model: nn.Module) -> GraphModule:
+    """``symbolic_trace(model)``, with a CanonizationError that says what to do if it fails."""
+    if isinstance(model, GraphModule):
+        return model
+    try:
+        return symbolic_trace(model)
+    except Exception as error:
+        raise CanonizationError(
+            f"could not trace {type(model).__name__} with torch.fx.symbolic_trace ({type(error).__name__}: "
+            f"{error}); trace it yourself (concrete_args, a custom Tracer, leaf modules) and pass the GraphModule"
+        ) from error
+
+
+def record_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Annotate every node with its shape (``tensor_meta``) by running ``gm`` once without grad."""
+    try:
+        with torch.no_grad():
+            _ShapeRecorder(gm).propagate(*example_inputs)
+    except Exception as error:
+        raise CanonizationError(f"running the model on example_inputs failed: {error}") from error
+
+
+def canonicalize(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | Tensor | None = None,
+    *,
+    passes: Sequence[type[CanonizationPass] | CanonizationPass] | None = None,
+    allow_training: bool = False,
+) -> GraphModule:
+    """Return a new GraphModule computing the same function with foldable BatchNorms merged.
+
+    ``model`` is a GraphModule or a module to trace; it is never mutated. ``example_inputs``
+    (optional) lets the analysis record shapes: it is needed to fold through layout ops
+    (view, permute, cat, pooling...) and to prove the channel axis of BatchNorm1d/functional
+    BatchNorms. ``passes`` selects pass classes (or instances) to run instead of
+    :data:`fxcanon.passes.DEFAULT_PASSES`. BatchNorms in training mode raise CanonizationError
+    unless ``allow_training`` leaves them untouched. The report is ``get_report(result)``.
+    """
+    source = trace(model)
+    gm = GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__)
+    if example_inputs is not None:
+        record_shapes(gm, (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs))
+    report = Report()
+    selected = [p(report, allow_training=allow_training) if isinstance(p, type) else p
+                for p in (DEFAULT_PASSES if passes is None else passes)]
+    try:
+        result = PassManager(selected)(gm)
+    except Exception as error:  # PassManager wraps errors of passes; surface ours unchanged
+        if isinstance(error.__cause__, CanonizationError):
+            raise error.__cause__ from None
+        raise
+    out = result.graph_module
+    out.meta[REPORT_KEY] = report
+    return out

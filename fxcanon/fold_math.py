@@ -1,0 +1,107 @@
+"""Fold math: pure tensor functions, no graph. Everything is computed in float64.
+
+Notation (``../shared/design/canonization-math.md``): an eval-mode BatchNorm is the per-channel
+affine map ``BN(x) = s * x + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta - s * mean``.
+Weights use PyTorch's layouts: ``(out, in/groups, k...)`` for Linear and ConvNd,
+``(in, out/groups, k...)`` for ConvTransposeNd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+def batchnorm_affine(
+    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(s, t)`` of an eval-mode BatchNorm in float64 (A.3-A.4; gamma=1, beta=0 without affine)."""
+    mean, var = running_mean.double(), running_var.double()
+    gamma = torch.ones_like(mean) if weight is None else weight.double()
+    beta = torch.zeros_like(mean) if bias is None else bias.double()
+    s = gamma / torch.sqrt(var + eps)
+    return s, beta - s * mean
+
+
+def _scale_dim0(weight: Tensor, scale: Tensor) -> Tensor:
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def _scale_dim1_per_group(weight: Tensor, scale: Tensor, groups: int) -> Tensor:
+    """``weight[g * (n0/groups) + i, j] * scale[g * n1 + j]``: dim 1 indexes channels within a group."""
+    shape = weight.shape
+    grouped = weight.reshape(groups, shape[0] // groups, *shape[1:])
+    return (grouped * scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))).reshape(shape)
+
+
+def scale_output_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
+    """``diag(s) W``: scale each output channel (A.5).
+
+    Linear/ConvNd: dim 0. ConvTransposeNd: out-channel ``g * (out/groups) + j`` lives at
+    ``weight[g * (in/groups):(g + 1) * (in/groups), j]``, so dim 1 alone is right only for groups=1.
+    """
+    return _scale_dim1_per_group(weight, scale, groups) if transposed else _scale_dim0(weight, scale)
+
+
+def scale_input_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
+    """``W diag(s)``: scale each input channel (A.9).
+
+    Linear: dim 1. ConvNd: out-channel ``o`` of group ``g`` sees input channel ``g * (in/groups) + j``
+    at ``weight[o, j]``. ConvTransposeNd: dim 0.
+    """
+    return _scale_dim0(weight, scale) if transposed else _scale_dim1_per_group(weight, scale, groups)
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """The float64 tensors of a linear-like layer; kernels have the weight's layout (see modules)."""
+
+    weight: Tensor
+    bias: Tensor
+    bias_kernel: Tensor | None = None
+    pad_kernel: Tensor | None = None
+
+
+def fold_into_output(layer: LayerTensors, s: Tensor, t: Tensor, *, transposed: bool = False,
+                     groups: int = 1) -> LayerTensors:
+    """``BN(layer(x))`` as one layer (A.1-A.5): ``W' = diag(s) W``, ``b' = s * b + t``.
+
+    A position-dependent bias is scaled with the weight: ``B' = s * B + t``.
+    """
+    def scale(kernel: Tensor | None) -> Tensor | None:
+        return None if kernel is None else scale_output_channels(kernel, s, transposed=transposed, groups=groups)
+
+    return LayerTensors(scale(layer.weight), s * layer.bias + t, scale(layer.bias_kernel), scale(layer.pad_kernel))
+
+
+def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transposed: bool = False, groups: int = 1,
+                    vector_bias: bool, pad_value: float = 0.0) -> LayerTensors:
+    """``layer(s_in * x + t_in)`` as one layer (A.6-A.9, A.10-A.15).
+
+    ``W' = W diag(s_in)``. The shift goes through the *unscaled* weight, ``K = W diag(t_in)``: with
+    ``vector_bias`` (every output position sees every tap, i.e. no zero padding) it is summed into
+    ``b' = b + sum(K)``; otherwise it is added to the bias kernel, whose response to an all-ones
+    input of the layer's size is the bias map ``conv(P(1), K)``. A nonzero explicit padding value
+    ``v`` between the BatchNorm and the layer becomes ``pad_kernel += v * W`` (the graph pads with 0).
+    """
+    shift = scale_input_channels(layer.weight, t_in, transposed=transposed, groups=groups)
+    weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
+    pad_kernel = layer.pad_kernel
+    if pad_value != 0.0:
+        pad_kernel = layer.weight * pad_value if pad_kernel is None else pad_kernel + layer.weight * pad_value
+    if vector_bias:
+        return replace(layer, weight=weight, bias=layer.bias + shift.flatten(1).sum(1), pad_kernel=pad_kernel)
+    bias_kernel = shift if layer.bias_kernel is None else layer.bias_kernel + shift
+    return replace(layer, weight=weight, bias_kernel=bias_kernel, pad_kernel=pad_kernel)
+
+
+def channel_affine(channel_map: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-input-channel ``(s_in, t_in)`` for a channel map (BatchNorm channel index, or -1 for
+    features that do not come from the BatchNorm and keep the identity ``(1, 0)``)."""
+    from_bn = channel_map >= 0
+    index = channel_map.clamp(min=0)
+    s_in = torch.where(from_bn, s[index], torch.ones_like(s[index]))
+    t_in = torch.where(from_bn, t[index], torch.zeros_like(t[index]))
+    return s_in, t_in

@@ -1,0 +1,163 @@
+"""Fused layers: what a canonized graph calls.
+
+Each fused layer subclasses the standard layer it replaces (``FusedConv2d`` is an
+``nn.Conv2d``) and keeps ``weight`` and ``bias`` as Parameters, so LRP libraries that pick
+rules by layer type and modify ``weight``/``bias`` by name see an ordinary layer.
+
+A BatchNorm folded *into the input* of a zero-padded convolution leaves a bias that depends on
+the output position (supplement A.10-A.20). Convolutions and transposed convolutions therefore
+carry two optional Parameters with the weight's layout:
+
+* ``bias_kernel`` ``K = W * t`` (the BatchNorm shift ``t`` spread over the input channels), whose
+  response to an all-ones input with the layer's own padding is the position-dependent part of
+  the bias: ``B = conv(P(1), K) + bias``;
+* ``pad_kernel`` ``W * v`` for an explicit ``F.pad(..., value=v)`` between the BatchNorm and the
+  layer (``input_pad`` holds that padding; the graph then pads with 0 and this kernel restores v).
+
+The layer output is ``conv(x, weight) + bias + bias_map(x)``. Rules that zero or clamp biases must
+treat ``bias_kernel`` and ``pad_kernel`` like ``bias`` (zennit's parameter modifiers visit every
+Parameter of a layer; ``zero_params`` must name all three). The bias map is computed per input
+size, device and dtype, and cached outside autograd; the cache is keyed on the kernels'
+identity and version counters, so it is never stale after ``load_state_dict`` or in-place edits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_CACHE_SIZE = 8
+
+
+class _BiasMapMixin:
+    """Adds ``bias_map(x)`` (see module docstring) to a convolution-like layer."""
+
+    bias_kernel: nn.Parameter | None
+    pad_kernel: nn.Parameter | None
+    input_pad: tuple[int, ...]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_parameter("bias_kernel", None)
+        self.register_parameter("pad_kernel", None)
+        self.input_pad = ()
+        self._bias_map_cache: dict[tuple[Any, ...], Tensor] = {}
+
+    @property
+    def has_bias_map(self) -> bool:
+        return self.bias_kernel is not None or self.pad_kernel is not None
+
+    def _masks(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """All-ones input of x's size (batch 1), split into interior and explicit-padding ring."""
+        spatial = len(self.kernel_size)
+        shape = (1,) * (x.dim() - spatial - 1) + tuple(x.shape[-spatial - 1:])
+        if not self.input_pad:
+            return x.new_ones(shape), None
+        inner = list(shape)
+        for i in range(len(self.input_pad) // 2):
+            inner[-1 - i] -= self.input_pad[2 * i] + self.input_pad[2 * i + 1]
+        interior = F.pad(x.new_ones(inner), self.input_pad)
+        return interior, 1 - interior
+
+    def bias_map(self, x: Tensor, output_size: list[int] | None = None) -> Tensor | None:
+        """The position-dependent bias for input ``x`` (broadcasts over the batch), or None."""
+        if not self.has_bias_map:
+            return None
+        kernels = [k for k in (self.bias_kernel, self.pad_kernel) if k is not None]
+        cacheable = not (torch.is_grad_enabled() and any(k.requires_grad for k in kernels))
+        key = (tuple(x.shape[1:]), x.dim(), x.device, x.dtype, None if output_size is None else tuple(output_size),
+               *((id(k), k._version, k.data_ptr()) for k in kernels))
+        if cacheable and key in self._bias_map_cache:
+            return self._bias_map_cache[key]
+        interior, ring = self._masks(x)
+        result = None
+        for mask, kernel in ((interior, self.bias_kernel), (ring, self.pad_kernel)):
+            if kernel is not None:
+                response = self._response(mask, kernel.to(x.dtype), output_size)
+                result = response if result is None else result + response
+        if cacheable:
+            if len(self._bias_map_cache) >= _CACHE_SIZE:
+                self._bias_map_cache.pop(next(iter(self._bias_map_cache)))
+            self._bias_map_cache[key] = result
+        return result
+
+    def _response(self, mask: Tensor, kernel: Tensor, output_size: list[int] | None) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.has_bias_map:
+            text += ", bias_map=True"
+        if self.input_pad:
+            text += f", input_pad={self.input_pad}"
+        return text
+
+
+class _FusedConvNd(_BiasMapMixin):
+    def _response(self, mask: Tensor, kernel: Tensor, output_size: list[int] | None) -> Tensor:
+        return self._conv_forward(mask, kernel, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        bias_map = self.bias_map(x)
+        return y if bias_map is None else y + bias_map
+
+
+class _FusedConvTransposeNd(_BiasMapMixin):
+    _functional = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+    def _response(self, mask: Tensor, kernel: Tensor, output_size: list[int] | None) -> Tensor:
+        spatial = len(self.kernel_size)
+        output_padding = self._output_padding(mask, output_size, self.stride, self.padding, self.kernel_size,
+                                              spatial, self.dilation)
+        return self._functional[spatial](mask, kernel, None, self.stride, self.padding, output_padding,
+                                         self.groups, self.dilation)
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        y = super().forward(x, output_size)
+        bias_map = self.bias_map(x, output_size)
+        return y if bias_map is None else y + bias_map
+
+
+class FusedLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight and bias absorbed one or more BatchNorms."""
+
+
+class FusedConv1d(_FusedConvNd, nn.Conv1d):
+    """An ``nn.Conv1d`` with BatchNorms folded in; optional bias map (module docstring)."""
+
+
+class FusedConv2d(_FusedConvNd, nn.Conv2d):
+    """An ``nn.Conv2d`` with BatchNorms folded in; optional bias map (module docstring)."""
+
+
+class FusedConv3d(_FusedConvNd, nn.Conv3d):
+    """An ``nn.Conv3d`` with BatchNorms folded in; optional bias map (module docstring)."""
+
+
+class FusedConvTranspose1d(_FusedConvTransposeNd, nn.ConvTranspose1d):
+    """An ``nn.ConvTranspose1d`` with BatchNorms folded in; optional bias map."""
+
+
+class FusedConvTranspose2d(_FusedConvTransposeNd, nn.ConvTranspose2d):
+    """An ``nn.ConvTranspose2d`` with BatchNorms folded in; optional bias map."""
+
+
+class FusedConvTranspose3d(_FusedConvTransposeNd, nn.ConvTranspose3d):
+    """An ``nn.ConvTranspose3d`` with BatchNorms folded in; optional bias map."""
+
+
+# fused type -> the standard layer it stands for
+FUSED_TYPES: dict[type, type] = {
+    FusedLinear: nn.Linear,
+    FusedConv1d: nn.Conv1d,
+    FusedConv2d: nn.Conv2d,
+    FusedConv3d: nn.Conv3d,
+    FusedConvTranspose1d: nn.ConvTranspose1d,
+    FusedConvTranspose2d: nn.ConvTranspose2d,
+    FusedConvTranspose3d: nn.ConvTranspose3d,
+}
+FUSED_FOR = {base: fused for fused, base in FUSED_TYPES.items()}

@@ -1,0 +1,84 @@
+"""The canonization report: where each BatchNorm went, or why it was left."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch.fx import GraphModule
+
+REPORT_KEY = "fxcanon_report"
+
+# Fold rules, as they appear in reports and in the command line's summary.
+FORWARD = "forward"  # Linear/Conv -> BN (A.1-A.5)
+BACKWARD_VECTOR = "backward, vector bias"  # BN -> Linear/Conv without zero padding (A.6-A.9)
+BACKWARD_BIAS_MAP = "backward, bias map"  # BN -> zero-padded Conv / ConvTranspose (A.10-A.20)
+THROUGH_LAYOUT = "through layout"  # BN -> layout ops / concat -> Linear/Conv (A.21-A.26)
+
+
+@dataclass
+class Fold:
+    """One BatchNorm folded into one layer."""
+
+    into: str  # node name of the fused layer
+    rule: str
+    path: tuple[str, ...] = ()  # nodes between the BatchNorm and the layer
+
+    def describe(self) -> str:
+        via = f" via {' -> '.join(self.path)}" if self.path else ""
+        return f"{self.into} ({self.rule}){via}"
+
+
+@dataclass
+class Entry:
+    """What happened to one BatchNorm call."""
+
+    batchnorm: str  # node name
+    source: str = ""  # module path, when the BatchNorm is a module
+    folds: list[Fold] = field(default_factory=list)
+    left_reason: str | None = None  # set when (part of) the BatchNorm stays in the graph
+
+    @property
+    def status(self) -> str:
+        if self.left_reason is None:
+            return "folded"
+        return "partly folded" if self.folds else "left"
+
+
+@dataclass
+class Report:
+    """Per-BatchNorm outcome of :func:`fxcanon.canonicalize`, printable as a table."""
+
+    entries: dict[str, Entry] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def entry(self, batchnorm: str, source: str = "") -> Entry:
+        return self.entries.setdefault(batchnorm, Entry(batchnorm, source))
+
+    @property
+    def left(self) -> list[Entry]:
+        return [e for e in self.entries.values() if e.left_reason is not None]
+
+    def rule_counts(self) -> Counter[str]:
+        return Counter(fold.rule for e in self.entries.values() for fold in e.folds)
+
+    def table(self) -> str:
+        rows = [("batchnorm", "status", "where it went / why it stays")]
+        for e in self.entries.values():
+            detail = "; ".join(f.describe() for f in e.folds)
+            if e.left_reason is not None:
+                detail = f"{detail}; left: {e.left_reason}" if detail else e.left_reason
+            name = e.batchnorm if e.source in ("", e.batchnorm) else f"{e.batchnorm} ({e.source})"
+            rows.append((name, e.status, detail))
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
+        lines.insert(1, "-" * min(100, max(len(line) for line in lines)))
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def get_report(gm: GraphModule) -> Report:
+    """The report attached to a canonized GraphModule (empty if it has none)."""
+    return gm.meta.setdefault(REPORT_KEY, Report())

@@ -1,0 +1,130 @@
+"""Graph edits shared by the passes: build fused layers and put them in place.
+
+The caller's modules are never mutated: a fused layer is a new module, installed either under
+the old layer's name in this GraphModule's own container modules (which ``GraphModule`` creates
+afresh) or, when the old layer is also used elsewhere, under a new name for this call site only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from .fold_math import LayerTensors
+from .modules import FUSED_FOR, FUSED_TYPES
+from .views import LinearView
+
+_BASE_TYPES = {
+    (0, False): nn.Linear,
+    (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
+    (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d,
+}
+
+
+def layer_tensors(view: LinearView) -> LayerTensors:
+    """The layer's tensors in float64 (a missing bias is zero)."""
+    weight = view.weight.detach().double()
+    bias = torch.zeros(view.out_channels, dtype=torch.float64, device=weight.device) if view.bias is None \
+        else view.bias.detach().double()
+    kernels = [None if k is None else k.detach().double() for k in (view.bias_kernel, view.pad_kernel)]
+    return LayerTensors(weight, bias, *kernels)
+
+
+def _like(value: Tensor, reference: Tensor) -> nn.Parameter:
+    """``value`` as a Parameter with the dtype, device, memory format and grad flag of ``reference``."""
+    out = value.to(dtype=reference.dtype, device=reference.device)
+    for fmt, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if out.dim() == rank and reference.is_contiguous(memory_format=fmt) and not reference.is_contiguous():
+            out = out.contiguous(memory_format=fmt)
+    return nn.Parameter(out, requires_grad=reference.requires_grad)
+
+
+def build_layer(view: LinearView, tensors: LayerTensors, input_pad: tuple[int, ...] = ()) -> nn.Module:
+    """A fused layer with ``view``'s hyperparameters and the given float64 tensors."""
+    base = _BASE_TYPES[(view.spatial_dims, view.transposed)]
+    cls = FUSED_FOR[base]
+    if view.spatial_dims == 0:
+        layer = cls(view.in_channels, view.out_channels, device="meta")
+    else:
+        kernel_size = tuple(view.weight.shape[2:])
+        common = dict(stride=view.stride, padding=view.padding, dilation=view.dilation, groups=view.groups,
+                      padding_mode=view.padding_mode, device="meta")
+        if view.transposed:
+            common["output_padding"] = view.output_padding
+        layer = cls(view.in_channels, view.out_channels, kernel_size, **common)
+    reference = view.weight
+    layer.weight = _like(tensors.weight, reference)
+    layer.bias = _like(tensors.bias, reference if view.bias is None else view.bias)
+    if tensors.bias_kernel is not None:
+        layer.bias_kernel = _like(tensors.bias_kernel, reference)
+    if tensors.pad_kernel is not None:
+        layer.pad_kernel = _like(tensors.pad_kernel, reference)
+    if input_pad:
+        layer.input_pad = tuple(input_pad)
+    layer.train(view.module.training if view.module is not None else False)
+    return layer
+
+
+def _sole_use(gm: GraphModule, node: Node) -> bool:
+    """True if ``node`` is the only place the graph uses its module (or anything inside it)."""
+    target = node.target
+    uses = [n for n in gm.graph.nodes
+            if (n.op == "call_module" and n.target == target)
+            or (n.op in ("get_attr", "call_module") and str(n.target).startswith(target + "."))]
+    return uses == [node]
+
+
+def _own_container(gm: GraphModule, target: str) -> nn.Module | None:
+    """The parent module of ``target`` if it belongs to ``gm`` alone (not to the traced model)."""
+    prefix, _, _ = target.rpartition(".")
+    parent = gm.get_submodule(prefix) if prefix else gm
+    return parent if parent is gm or type(parent) is nn.Module else None
+
+
+def _fresh_name(gm: GraphModule, base: str) -> str:
+    base = base.replace(".", "_")
+    name, k = f"{base}_fused", 1
+    while hasattr(gm, name):
+        k += 1
+        name = f"{base}_fused{k}"
+    return name
+
+
+def install_layer(gm: GraphModule, view: LinearView, layer: nn.Module) -> Node:
+    """Make ``view.node`` call ``layer``; returns the node now computing the fused layer."""
+    node = view.node
+    if node.op == "call_module":
+        parent = _own_container(gm, node.target)
+        if parent is not None and _sole_use(gm, node):
+            setattr(parent, node.target.rpartition(".")[2], layer)
+        else:
+            node.target = _fresh_name(gm, node.target)
+            gm.add_submodule(node.target, layer)
+        return node
+    name = _fresh_name(gm, node.name)
+    gm.add_submodule(name, layer)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (view.input,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def finish(gm: GraphModule) -> None:
+    """Drop unused ``get_attr`` nodes and modules the graph no longer calls; regenerate code.
+
+    Only nodes the passes orphaned go: a general dead-code sweep would also drop in-place
+    calls whose results are unused.
+    """
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def is_fused(module: nn.Module) -> bool:
+    return type(module) in FUSED_TYPES

@@ -1,0 +1,311 @@
+"""Op views: one way to read a node, whatever its spelling.
+
+A convolution may be a ``call_module`` (``nn.Conv2d``) or a ``call_function``
+(``torch.conv2d``, ``F.conv2d``) whose parameters are ``get_attr`` nodes; a BatchNorm may be
+``nn.BatchNorm2d``, ``F.batch_norm`` (timm's ``BatchNormAct2d``) or ``torch.batch_norm``.
+Passes read nodes only through the views below and never test targets themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from .errors import CanonizationError
+from .modules import FUSED_TYPES
+
+# module type -> (spatial dims, transposed); spatial dims 0 means Linear
+_LINEAR_MODULES: dict[type, tuple[int, bool]] = {
+    nn.Linear: (0, False),
+    nn.Conv1d: (1, False),
+    nn.Conv2d: (2, False),
+    nn.Conv3d: (3, False),
+    nn.ConvTranspose1d: (1, True),
+    nn.ConvTranspose2d: (2, True),
+    nn.ConvTranspose3d: (3, True),
+}
+_LINEAR_MODULES.update({fused: _LINEAR_MODULES[base] for fused, base in FUSED_TYPES.items()})
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+# functional target -> (argument names, spatial dims, transposed)
+_LINEAR_FUNCTIONS: dict[Callable[..., Any], tuple[tuple[str, ...], int, bool]] = {
+    F.linear: (("input", "weight", "bias"), 0, False),
+    torch.conv1d: (_CONV_ARGS, 1, False),
+    torch.conv2d: (_CONV_ARGS, 2, False),
+    torch.conv3d: (_CONV_ARGS, 3, False),
+    torch.conv_transpose1d: (_CONV_T_ARGS, 1, True),
+    torch.conv_transpose2d: (_CONV_T_ARGS, 2, True),
+    torch.conv_transpose3d: (_CONV_T_ARGS, 3, True),
+}
+
+# BatchNorm module type -> input ranks the module accepts (None: any rank >= 2)
+_BATCHNORM_MODULES: dict[type, tuple[int, ...] | None] = {
+    nn.BatchNorm1d: (2, 3),
+    nn.BatchNorm2d: (4,),
+    nn.BatchNorm3d: (5,),
+    nn.SyncBatchNorm: None,
+}
+_BATCHNORM_FUNCTIONS: dict[Callable[..., Any], tuple[str, ...]] = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    torch.batch_norm: (
+        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled",
+    ),
+}
+
+
+def get_attr_value(gm: GraphModule, target: str) -> Any:
+    """The object a ``get_attr`` target names."""
+    return functools.reduce(getattr, target.split("."), gm)
+
+
+def bind_args(node: Node, names: tuple[str, ...]) -> dict[str, Any]:
+    """Positional and keyword arguments of ``node`` by parameter name."""
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def tensor_rank(node: Node) -> int | None:
+    """Rank of the tensor ``node`` produced when shapes were propagated, else None."""
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _ntuple(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value) if len(value) == n else tuple(int(value[0]) for _ in range(n))
+    return tuple(int(value) for _ in range(n))
+
+
+def _param(gm: GraphModule, value: Any) -> Tensor | None:
+    """A parameter argument: a ``get_attr`` node, a constant tensor or None; else raise KeyError."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    if isinstance(value, Node) and value.op == "get_attr":
+        tensor = get_attr_value(gm, value.target)
+        if isinstance(tensor, Tensor):
+            return tensor
+    raise KeyError("parameter is computed in the graph")
+
+
+@dataclass(frozen=True)
+class LinearView:
+    """A Linear, ConvNd or ConvTransposeNd layer, however it is spelled."""
+
+    node: Node
+    input: Node
+    weight: Tensor
+    bias: Tensor | None
+    spatial_dims: int  # 0 for Linear
+    transposed: bool
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    padding_mode: str = "zeros"
+    output_padding: tuple[int, ...] = ()
+    module: nn.Module | None = None
+    bias_kernel: Tensor | None = None
+    pad_kernel: Tensor | None = None
+    input_pad: tuple[int, ...] = ()
+    extra_args: tuple[Any, ...] = field(default=())  # e.g. ConvTranspose's output_size
+
+    @property
+    def kind(self) -> str:
+        if self.spatial_dims == 0:
+            return "linear"
+        return f"conv_transpose{self.spatial_dims}d" if self.transposed else f"conv{self.spatial_dims}d"
+
+    @property
+    def in_channels(self) -> int:
+        if self.spatial_dims == 0:
+            return self.weight.shape[1]
+        return self.weight.shape[0] if self.transposed else self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.groups if self.transposed else self.weight.shape[0]
+
+    @property
+    def batched_rank(self) -> int:
+        """Rank of a batched input whose channel axis is dim 1 (Linear: 2, its feature axis last)."""
+        return self.spatial_dims + 2
+
+    @property
+    def zero_padded(self) -> bool:
+        """True if some output position sees implicit zero padding of the input."""
+        if self.spatial_dims == 0 or self.padding_mode != "zeros":
+            return False
+        if self.padding == "valid":
+            return False
+        if self.padding == "same":
+            return any(k > 1 for k in self.weight.shape[2:])
+        return any(p > 0 for p in self.padding)
+
+
+def linear_view(gm: GraphModule, node: Node) -> LinearView | None:
+    """View ``node`` as a linear-like layer, or None if it is not one fxcanon can rewrite."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        dims_transposed = _LINEAR_MODULES.get(type(module))
+        if dims_transposed is None or not node.args or not isinstance(node.args[0], Node):
+            return None
+        dims, transposed = dims_transposed
+        common = dict(node=node, input=node.args[0], weight=module.weight, bias=module.bias,
+                      spatial_dims=dims, transposed=transposed, module=module,
+                      extra_args=tuple(node.args[1:]))
+        if dims == 0:
+            return LinearView(**common)
+        return LinearView(
+            **common, stride=tuple(module.stride),
+            padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+            dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode,
+            output_padding=tuple(module.output_padding) if transposed else (),
+            bias_kernel=getattr(module, "bias_kernel", None), pad_kernel=getattr(module, "pad_kernel", None),
+            input_pad=tuple(getattr(module, "input_pad", ())),
+        )
+    if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
+        names, dims, transposed = _LINEAR_FUNCTIONS[node.target]
+        args = bind_args(node, names)
+        try:
+            weight, bias = _param(gm, args.get("weight")), _param(gm, args.get("bias"))
+        except KeyError:
+            return None
+        if not isinstance(args.get("input"), Node) or weight is None:
+            return None
+        if dims == 0:
+            return LinearView(node=node, input=args["input"], weight=weight, bias=bias, spatial_dims=0,
+                              transposed=False)
+        padding = args.get("padding", 0)
+        return LinearView(
+            node=node, input=args["input"], weight=weight, bias=bias, spatial_dims=dims, transposed=transposed,
+            stride=_ntuple(args.get("stride", 1), dims),
+            padding=padding if isinstance(padding, str) else _ntuple(padding, dims),
+            dilation=_ntuple(args.get("dilation", 1), dims), groups=int(args.get("groups", 1)),
+            output_padding=_ntuple(args.get("output_padding", 0), dims) if transposed else (),
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class BatchNormView:
+    """A BatchNorm call: statistics, affine parameters and mode, however it is spelled."""
+
+    node: Node
+    input: Node
+    name: str
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    training: bool
+    accepted_ranks: tuple[int, ...] | None  # ranks the call itself enforces
+
+    @property
+    def num_features(self) -> int:
+        return next(t.shape[0] for t in (self.running_mean, self.running_var, self.weight, self.bias)
+                    if t is not None)
+
+    def input_rank(self) -> int | None:
+        """The rank of the normalized tensor, when it is known."""
+        rank = tensor_rank(self.input)
+        if rank is not None:
+            return rank
+        ranks = self.accepted_ranks
+        return ranks[0] if ranks is not None and len(ranks) == 1 else None
+
+
+def batchnorm_view(gm: GraphModule, node: Node) -> BatchNormView | None:
+    """View ``node`` as a BatchNorm, or None if it is not one."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if type(module) not in _BATCHNORM_MODULES or not isinstance(node.args[0], Node):
+            return None
+        return BatchNormView(
+            node=node, input=node.args[0], name=node.target, running_mean=module.running_mean,
+            running_var=module.running_var, weight=module.weight, bias=module.bias, eps=module.eps,
+            training=module.training,
+            accepted_ranks=_BATCHNORM_MODULES[type(module)],
+        )
+    if node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
+        args = bind_args(node, _BATCHNORM_FUNCTIONS[node.target])
+        try:
+            tensors = {k: _param(gm, args.get(k)) for k in ("running_mean", "running_var", "weight", "bias")}
+        except KeyError:
+            return None
+        training = args.get("training", False)
+        if not isinstance(args.get("input"), Node) or not isinstance(training, bool):
+            return None
+        return BatchNormView(node=node, input=args["input"], name=node.name, eps=float(args.get("eps", 1e-5)),
+                             training=training, accepted_ranks=None, **tensors)
+    return None
+
+
+@dataclass(frozen=True)
+class ConstantPadView:
+    """``F.pad(x, pad, mode="constant", value=v)`` or a ``ConstantPadNd``/``ZeroPad`` module."""
+
+    node: Node
+    input: Node
+    pad: tuple[int, ...]
+    value: float
+
+
+_PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+
+
+def constant_pad_view(gm: GraphModule, node: Node) -> ConstantPadView | None:
+    """View ``node`` as constant padding, or None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, _PAD_MODULES):
+            return None
+        return ConstantPadView(node, node.args[0], tuple(module.padding), float(module.value))
+    if node.op == "call_function" and node.target is F.pad:
+        args = bind_args(node, ("input", "pad", "mode", "value"))
+        if args.get("mode", "constant") != "constant" or not isinstance(args["input"], Node):
+            return None
+        pad = args["pad"]
+        if not all(isinstance(p, int) for p in pad):
+            return None
+        return ConstantPadView(node, args["input"], tuple(pad), float(args.get("value") or 0.0))
+    return None
+
+
+def check_batchnorm(bn: BatchNormView, allow_training: bool) -> str | None:
+    """Raise for BatchNorms that must not be canonized silently; return why one is left, or None."""
+    if bn.training:
+        if not allow_training:
+            raise CanonizationError(
+                f"BatchNorm {bn.name!r} is in training mode; call model.eval() before canonicalize "
+                "(or pass allow_training=True to leave training-mode BatchNorms untouched)"
+            )
+        return "training mode: normalizes with batch statistics"
+    if bn.running_mean is None or bn.running_var is None:
+        return "track_running_stats=False: normalizes with batch statistics even in eval mode"
+    for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
+                          ("weight", bn.weight), ("bias", bn.bias)):
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise CanonizationError(f"BatchNorm {bn.name!r} has NaN or Inf in its {label}")
+    if bool((bn.running_var.double() + bn.eps <= 0).any()):
+        raise CanonizationError(f"BatchNorm {bn.name!r} has running_var + eps <= 0")
+    return None
+
+
+SHAPE_QUERIES = {"size", "dim", "numel"}
+
+
+def is_shape_query(node: Node) -> bool:
+    """True for nodes that read only the shape of their input (``x.size(0)``, ``x.shape``)."""
+    if node.op == "call_method" and node.target in SHAPE_QUERIES:
+        return True
+    return (node.op == "call_function" and node.target is getattr
+            and len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device"))
