@@ -18,6 +18,9 @@ from .passes import DEFAULT_PASSES, CanonizationPass
 from .report import REPORT_KEY, Report
 
 
+_MAX_ROUNDS = 8  # rerun the passes while they change the graph (a fold can enable another)
+
+
 class _ShapeRecorder(ShapeProp):
     """ShapeProp that also keeps small non-tensor results (sizes, ints) for the affine analysis."""
 
@@ -75,7 +78,7 @@ def canonicalize(
     selected = [p(report, allow_training=allow_training) if isinstance(p, type) else p
                 for p in (DEFAULT_PASSES if passes is None else passes)]
     try:
-        result = PassManager(selected)(gm)
+        result = PassManager(selected, steps=_MAX_ROUNDS)(gm)
     except Exception as error:  # PassManager wraps errors of passes; surface ours unchanged
         if isinstance(error.__cause__, CanonizationError):
             raise error.__cause__ from None

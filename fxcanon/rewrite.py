@@ -104,8 +104,9 @@ def install_layer(gm: GraphModule, view: LinearView, layer: nn.Module) -> Node:
         return node
     name = _fresh_name(gm, node.name)
     gm.add_submodule(name, layer)
+    data = node.args[0] if node.args else node.kwargs["input"]  # read now: users may have been rewired
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, (view.input,))
+        new = gm.graph.call_module(name, (data,))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)

@@ -32,12 +32,14 @@ class FoldBatchNormBackward(CanonizationPass):
         for bn, entry, s, t in self.batchnorms(graph_module):
             plan = backward_fold(graph_module, bn, s)
             if not isinstance(plan, BackwardFold):
-                entry.left_reason = f"{entry.left_reason}; not before a layer: {plan}" if entry.left_reason else plan
+                if not entry.folds:
+                    entry.left_reason = f"{entry.left_reason}; not before a layer: {plan}" if entry.left_reason \
+                        else plan
                 continue
-            for sink in plan.sinks:
-                entry.folds.append(self._fold(graph_module, sink, s, t))
             for user in plan.rewired:
                 user.replace_input_with(bn.node, bn.input)
+            for sink in plan.sinks:
+                entry.folds.append(self._fold(graph_module, sink, s, t))
             if not bn.node.users:
                 graph_module.graph.erase_node(bn.node)
             entry.left_reason = plan.left_reason
@@ -59,6 +61,6 @@ class FoldBatchNormBackward(CanonizationPass):
         fused = install_layer(gm, view, layer)
         if pad is not None and pad.value != 0.0:
             pad.node.op, pad.node.target = "call_function", F.pad
-            pad.node.args, pad.node.kwargs = (pad.input, list(pad.pad)), {}
+            pad.node.args, pad.node.kwargs = (pad.node.args[0], list(pad.pad)), {}
         rule = THROUGH_LAYOUT if sink.path else BACKWARD_VECTOR if vector else BACKWARD_BIAS_MAP
         return Fold(fused.name, rule, sink.path + ((pad.node.name,) if pad is not None else ()))

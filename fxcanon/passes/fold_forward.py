@@ -26,7 +26,8 @@ class FoldBatchNormForward(CanonizationPass):
         for bn, entry, s, t in self.batchnorms(graph_module):
             plan = forward_fold(graph_module, bn)
             if not isinstance(plan, ForwardFold):
-                entry.left_reason = f"not after a layer: {plan}"
+                if not entry.folds:
+                    entry.left_reason = f"not after a layer: {plan}"
                 continue
             producer = plan.producer
             tensors = fold_into_output(layer_tensors(producer), s, t, transposed=producer.transposed,

@@ -1,0 +1,99 @@
+"""Bad input gets a clear error or a report entry, never a silently wrong model."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from fxcanon import CanonizationError, canonicalize, get_report
+from fxcanon.equivalence import relative_error
+
+from models import random_bn
+
+
+def conv_bn():
+    return random_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+def test_training_mode_batchnorm_raises_and_names_the_module():
+    model = conv_bn().train()
+    with pytest.raises(CanonizationError, match=r"'1'.*eval\(\)"):
+        canonicalize(model)
+
+
+def test_training_mode_can_be_left_untouched_on_request():
+    model = conv_bn().train()
+    gm = canonicalize(model, allow_training=True)
+    assert "training mode" in get_report(gm).entries["_1"].left_reason
+    assert isinstance(gm.get_submodule("1"), nn.BatchNorm2d)
+
+
+def test_functional_training_batchnorm_raises():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return nn.functional.batch_norm(x, self.bn.running_mean, self.bn.running_var, training=True)
+
+    with pytest.raises(CanonizationError, match="training mode"):
+        canonicalize(Net().eval())
+
+
+def test_track_running_stats_false_is_left_and_reported():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    gm = canonicalize(model)
+    assert "track_running_stats=False" in get_report(gm).entries["_1"].left_reason
+    x = torch.randn(2, 3, 5, 5)
+    assert relative_error(gm(x), model(x)) == 0
+
+
+@pytest.mark.parametrize("field,value", [("running_mean", math.nan), ("running_var", math.inf),
+                                         ("weight", math.nan), ("bias", -math.inf)])
+def test_non_finite_statistics_raise_and_name_the_module(field, value):
+    model = conv_bn()
+    getattr(model[1], field).data[0] = value
+    with pytest.raises(CanonizationError, match=rf"'1'.*{field}"):
+        canonicalize(model)
+
+
+def test_untraceable_model_raises_a_canonization_error():
+    class Dynamic(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(CanonizationError, match="symbolic_trace"):
+        canonicalize(Dynamic())
+
+
+def test_original_model_is_bit_identical_afterwards():
+    model = random_bn(torchvision.models.resnet18(num_classes=10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = dict(model.named_modules())
+    gm = canonicalize(torch.fx.symbolic_trace(model))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert dict(model.named_modules()).keys() == modules_before.keys()
+    assert all(model.get_submodule(k) is m for k, m in modules_before.items())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+
+
+def test_traced_graph_module_is_not_changed():
+    traced = torch.fx.symbolic_trace(conv_bn())
+    code = traced.code
+    canonicalize(traced)
+    assert traced.code == code and isinstance(traced.get_submodule("1"), nn.BatchNorm2d)
+
+
+def test_passing_a_copy_through_deepcopy_and_state_dict_roundtrip():
+    model = conv_bn().double()
+    gm = canonicalize(model)
+    clone = copy.deepcopy(gm)
+    clone.load_state_dict(gm.state_dict())
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    assert relative_error(clone(x), model(x)) < 1e-12
