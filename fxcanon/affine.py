@@ -25,11 +25,12 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .views import (BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view, is_shape_query,
+from .views import (BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view, reads_only_metadata,
                     linear_view)
 
 VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
 
+_CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
 _MOVE_METHODS = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "movedim", "unsqueeze", "squeeze",
     "repeat", "expand", "expand_as", "contiguous", "clone", "narrow", "chunk", "split", "__getitem__",
@@ -180,7 +181,7 @@ class _ConePropagation:
     def _visit(self, node: Node) -> None:
         cone_args = [arg for arg in node.all_input_nodes if arg in self.ids]
         path = self.paths[cone_args[0]]
-        if is_shape_query(node):
+        if all(reads_only_metadata(node, arg) for arg in cone_args):
             return
         view = linear_view(self.gm, node)
         if view is not None and cone_args == [view.input]:
@@ -212,6 +213,8 @@ class _ConePropagation:
         kind = self._kind(node)
         if kind is None:
             raise _Stop(f"{node.name} ({node.op} {_target_name(node.target)}) mixes features non-linearly")
+        if kind == "cast":
+            return self.ids[node.args[0]]
         joins = node.target in _JOINS
         args = map_arg(node.args, lambda n: self._lookup(n, joins))
         kwargs = map_arg(node.kwargs, lambda n: self._lookup(n, joins))
@@ -236,6 +239,9 @@ class _ConePropagation:
         return node.target
 
     def _kind(self, node: Node) -> str | None:
+        if node.op == "call_method" and node.target in _CAST_METHODS:
+            dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
+            return "cast" if dtype is not None and dtype.is_floating_point else None
         if node.op == "call_method":
             return "move" if node.target in _MOVE_METHODS else "average" if node.target == "mean" else None
         if node.op == "call_function":
@@ -305,7 +311,7 @@ def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor) -> BackwardFold
         if isinstance(sink, Sink):
             plan.sinks.append(sink)
             plan.rewired.append(user)
-        elif is_shape_query(user):
+        elif reads_only_metadata(user, bn.node):
             plan.rewired.append(user)
         else:
             reasons.append(sink)

@@ -66,10 +66,13 @@ def canonicalize(
     ``model`` is a GraphModule or a module to trace; it is never mutated. ``example_inputs``
     (optional) lets the analysis record shapes: it is needed to fold through layout ops
     (view, permute, cat, pooling...) and to prove the channel axis of BatchNorm1d/functional
-    BatchNorms. ``passes`` selects pass classes (or instances) to run instead of
+    BatchNorms; a model that defines ``example_inputs()`` (like
+    :class:`fxcanon.models.RelationNetwork`) provides them itself. ``passes`` selects pass classes (or instances) to run instead of
     :data:`fxcanon.passes.DEFAULT_PASSES`. BatchNorms in training mode raise CanonizationError
     unless ``allow_training`` leaves them untouched. The report is ``get_report(result)``.
     """
+    if example_inputs is None and callable(getattr(model, "example_inputs", None)):
+        example_inputs = model.example_inputs()
     source = trace(model)
     gm = GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__)
     if example_inputs is not None:

@@ -23,10 +23,23 @@ class Fold:
     into: str  # node name of the fused layer
     rule: str
     path: tuple[str, ...] = ()  # nodes between the BatchNorm and the layer
+    inputs: str = ""  # the layer's input columns/channels that changed, e.g. "0:24, 26:50"
 
     def describe(self) -> str:
         via = f" via {' -> '.join(self.path)}" if self.path else ""
-        return f"{self.into} ({self.rule}){via}"
+        inputs = f" inputs {self.inputs}" if self.inputs else ""
+        return f"{self.into}{inputs} ({self.rule}){via}"
+
+
+def index_ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0:3, 5:6"`` (half-open ranges, as in the supplement)."""
+    ranges: list[list[int]] = []
+    for i in indices:
+        if ranges and ranges[-1][1] == i:
+            ranges[-1][1] = i + 1
+        else:
+            ranges.append([i, i + 1])
+    return ", ".join(f"{a}:{b}" for a, b in ranges)
 
 
 @dataclass

@@ -300,12 +300,19 @@ def check_batchnorm(bn: BatchNormView, allow_training: bool) -> str | None:
     return None
 
 
-SHAPE_QUERIES = {"size", "dim", "numel"}
+_METADATA_METHODS = {"size", "dim", "numel"}
+_METADATA_ARG_METHODS = {"to", "type_as", "expand_as", "new_zeros", "new_ones", "new_full", "new_empty"}
+_LIKE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
 
 
-def is_shape_query(node: Node) -> bool:
-    """True for nodes that read only the shape of their input (``x.size(0)``, ``x.shape``)."""
-    if node.op == "call_method" and node.target in SHAPE_QUERIES:
+def reads_only_metadata(node: Node, value: Node) -> bool:
+    """True if ``node`` uses ``value`` only for its shape, dtype or device (``x.size(0)``,
+    ``c.to(x)``, ``torch.zeros_like(x)``): such uses are unaffected by folding ``value``'s producer."""
+    if node.op == "call_method" and node.target in _METADATA_METHODS:
+        return True
+    if node.op == "call_method" and node.target in _METADATA_ARG_METHODS:
+        return node.args[0] is not value
+    if node.op == "call_function" and node.target in _LIKE_FUNCTIONS:
         return True
     return (node.op == "call_function" and node.target is getattr
             and len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device"))

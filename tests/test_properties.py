@@ -38,6 +38,7 @@ def randomize_statistics(bn: nn.modules.batchnorm._BatchNorm, seed: int) -> None
 
 @st.composite
 def conv_models(draw):
+    torch.manual_seed(draw(st.integers(0, 2**16)))  # layer init and inputs: reproducible per example
     dims = draw(st.sampled_from([1, 2, 3]))
     transposed = draw(st.booleans())
     groups = draw(st.sampled_from([1, 2, 3]))
@@ -98,8 +99,9 @@ def test_conv_batchnorm_folds_are_exact(device, case, dtype, channels_last):
         inputs = [tuple(t.contiguous(memory_format=fmt) for t in x) for x in inputs]
     result = check_equivalence(model, inputs[0], inputs, dtype=dtype)
     assert result.float64 <= 1e-10, result
-    factor = 2.0 if dtype == torch.float32 else 3.0
-    assert result.holds(factor=factor), result
+    # Folding moves rounding: where outputs cancel (one channel, large shifts) a few ulps of the
+    # output scale separate the two forms even when both are right; wrong folds miss by far more.
+    assert result.holds(factor=2.0, floor=8 * torch.finfo(dtype).eps), result
     gm = canonicalize(model, inputs[0])
     assert not get_report(gm).left, get_report(gm)
     fused = [m for m in gm.modules() if isinstance(m, type(layer))]

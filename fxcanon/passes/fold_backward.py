@@ -9,7 +9,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import BackwardFold, Sink, backward_fold
 from ..fold_math import channel_affine, fold_into_input
-from ..report import BACKWARD_BIAS_MAP, BACKWARD_VECTOR, THROUGH_LAYOUT, Fold
+from ..report import BACKWARD_BIAS_MAP, BACKWARD_VECTOR, THROUGH_LAYOUT, Fold, index_ranges
 from ..rewrite import build_layer, finish, install_layer, layer_tensors
 from ._base import CanonizationPass
 
@@ -63,4 +63,5 @@ class FoldBatchNormBackward(CanonizationPass):
             pad.node.op, pad.node.target = "call_function", F.pad
             pad.node.args, pad.node.kwargs = (pad.node.args[0], list(pad.pad)), {}
         rule = THROUGH_LAYOUT if sink.path else BACKWARD_VECTOR if vector else BACKWARD_BIAS_MAP
-        return Fold(fused.name, rule, sink.path + ((pad.node.name,) if pad is not None else ()))
+        changed = index_ranges(sink.channel_map.ge(0).nonzero().flatten().tolist())
+        return Fold(fused.name, rule, sink.path + ((pad.node.name,) if pad is not None else ()), changed)

@@ -1,0 +1,5 @@
+"""Reference models that ship with fxcanon."""
+
+from .relation_network import RelationNetwork
+
+__all__ = ["RelationNetwork"]

@@ -1,0 +1,169 @@
+"""BatchNorm -> layout ops / concatenation -> Linear or Conv (section 4, A.21-A.26).
+
+Hypothesis builds small networks from templates with random sizes and statistics; positive
+templates must lose their BatchNorm and stay exact, negative ones must keep it and stay exact.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from fxcanon import canonicalize, get_report
+from fxcanon.equivalence import check_equivalence, randomize_batchnorms
+from fxcanon.report import THROUGH_LAYOUT
+
+
+def _flatten(y, e):
+    return y.flatten(1)
+
+
+def _channels_last_rows(y, e):
+    return y.permute(0, 2, 3, 1).reshape(-1, y.size(1))
+
+
+def _concat_features(y, e):
+    rows = y.permute(0, 2, 3, 1)
+    extra = e.permute(0, 2, 3, 1)
+    return torch.cat([extra, rows, extra], 3).view(-1, rows.size(3) + 2 * extra.size(3))
+
+
+def _pooled(y, e):
+    return F.adaptive_avg_pool2d(F.avg_pool2d(y, 2, ceil_mode=True), 1).flatten(1)
+
+
+def _mean(y, e):
+    return y.mean((2, 3))
+
+
+def _pairs(y, e):
+    objects = y.flatten(2).transpose(1, 2)
+    p = objects.size(1)
+    return torch.cat([objects.unsqueeze(2).repeat(1, 1, p, 1), objects.unsqueeze(1).expand(-1, p, -1, -1)], 3)
+
+
+def _transpose_twice(y, e):
+    return y.transpose(1, 3).contiguous().transpose(1, 3)
+
+
+def _channel_concat(y, e):
+    return torch.cat([e, y], 1)
+
+
+def _chunk(y, e):
+    a, b = y.chunk(2, 1)
+    return torch.cat([b, e, a], 1)
+
+
+def _narrow_rows(y, e):
+    return y[:, :, 1:, :].narrow(3, 0, y.size(3) - 1)
+
+
+def _max_pool(y, e):
+    return F.max_pool2d(y, 2, ceil_mode=True).flatten(1)
+
+
+# templates -> (consumer kind, BatchNorm folded?)
+POSITIVE = {_flatten: "linear", _channels_last_rows: "linear", _concat_features: "linear", _pooled: "linear",
+            _mean: "linear", _pairs: "linear", _transpose_twice: "conv", _channel_concat: "conv", _chunk: "conv",
+            _narrow_rows: "conv"}
+
+
+def _relu(y, e):
+    return torch.relu(y).flatten(1)
+
+
+def _batch_concat(y, e):
+    return torch.cat([y, e[:, : y.size(1)]], 0).flatten(1)
+
+
+def _spatial_sum(y, e):
+    return y.sum((2, 3))
+
+
+def _zero_padded_average(y, e):
+    return F.avg_pool2d(y, 3, stride=1, padding=1).flatten(1)
+
+
+def _added(y, e):
+    return (y + e[:, : y.size(1)]).flatten(1)
+
+
+NEGATIVE = {_relu: "linear", _batch_concat: "linear", _spatial_sum: "linear", _zero_padded_average: "linear",
+            _added: "linear"}
+
+
+class LayoutNet(nn.Module):
+    def __init__(self, template, consumer, channels, extra, height, width):
+        super().__init__()
+        self.template = template
+        self.bn = nn.BatchNorm2d(channels)
+        with torch.no_grad():
+            shape = template(torch.zeros(2, channels, height, width), torch.zeros(2, extra, height, width)).shape
+        self.head = nn.Linear(shape[-1], 3) if consumer == "linear" else nn.Conv2d(shape[1], 3, 3, padding=1)
+
+    def forward(self, x, e):
+        return self.head(self.template(self.bn(x), e))
+
+
+@st.composite
+def layout_cases(draw, templates):
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    template = draw(st.sampled_from(sorted(templates, key=lambda f: f.__name__)))
+    channels = 2 * draw(st.integers(1, 3))
+    extra = draw(st.integers(channels, channels + 2))
+    height, width = draw(st.integers(2, 5)), draw(st.integers(2, 5))
+    model = LayoutNet(template, templates[template], channels, extra, height, width)
+    randomize_batchnorms(model, draw(st.integers(0, 1000)))
+    if draw(st.booleans()):
+        with torch.no_grad():
+            model.bn.weight.mul_(-1)  # negative scales: max pooling must then refuse
+    model.eval()
+    batch = draw(st.integers(1, 3))
+    inputs = (torch.randn(batch, channels, height, width), torch.randn(batch, extra, height, width))
+    return model, inputs
+
+
+def _batchnorms_left(gm):
+    return [m for m in gm.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@given(layout_cases(POSITIVE))
+def test_layout_paths_fold_exactly(case):
+    model, inputs = case
+    gm = canonicalize(model, inputs)
+    assert not _batchnorms_left(gm), get_report(gm)
+    fold, = get_report(gm).entries["bn"].folds
+    assert fold.rule == THROUGH_LAYOUT and fold.path
+    bigger = tuple(torch.randn(x.shape[0] + 1, *x.shape[1:]) for x in inputs)
+    result = check_equivalence(model, inputs, [inputs, bigger])
+    assert result.holds(), result
+
+
+@given(layout_cases(NEGATIVE | {_max_pool: "linear"}))
+def test_non_affine_paths_keep_the_batchnorm(case):
+    model, inputs = case
+    gm = canonicalize(model, inputs)
+    negative_scale = bool((model.bn.weight < 0).any())
+    if model.template is not _max_pool or negative_scale:
+        assert _batchnorms_left(gm), get_report(gm)
+        assert get_report(gm).entries["bn"].left_reason
+    result = check_equivalence(model, inputs)
+    assert result.holds(), result
+
+
+def test_untouched_columns_are_bit_identical():
+    model = randomize_batchnorms(LayoutNet(_concat_features, "linear", 4, 5, 3, 3)).eval()
+    inputs = (torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3))
+    gm = canonicalize(model, inputs)
+    assert torch.equal(gm.head.weight[:, :5], model.head.weight[:, :5])
+    assert torch.equal(gm.head.weight[:, 9:], model.head.weight[:, 9:])
+    assert not torch.equal(gm.head.weight[:, 5:9], model.head.weight[:, 5:9])
+
+
+def test_layout_paths_need_example_inputs_and_say_so():
+    model = randomize_batchnorms(LayoutNet(_flatten, "linear", 2, 2, 2, 2)).eval()
+    entry = get_report(canonicalize(model)).entries["bn"]
+    assert entry.status == "left" and "example_inputs" in entry.left_reason
