@@ -105,3 +105,15 @@ def channel_affine(channel_map: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, T
     s_in = torch.where(from_bn, s[index], torch.ones_like(s[index]))
     t_in = torch.where(from_bn, t[index], torch.zeros_like(t[index]))
     return s_in, t_in
+
+
+def relu_factorization(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``ReLU(s * x + t) = s * h(x) + t2`` (section 5): returns ``(theta, sign, t2)`` of the
+    threshold activation ``h`` (see ``fxcanon.modules.ThresholdReLU``) and the shift after it.
+
+    ``theta = -t / s`` and ``t2 = t`` where ``s != 0``; a channel with ``s = 0`` is the constant
+    ``ReLU(t)``: ``h = 0``, ``t2 = ReLU(t)``.
+    """
+    zero = s == 0
+    theta = torch.where(zero, torch.zeros_like(t), -t / torch.where(zero, torch.ones_like(s), s))
+    return theta, torch.sign(s), torch.where(zero, t.clamp(min=0), t)

@@ -122,6 +122,44 @@ class _FusedConvTransposeNd(_BiasMapMixin):
         return y if bias_map is None else y + bias_map
 
 
+class ThresholdReLU(nn.ReLU):
+    """``h(x)``: what remains of ``ReLU(s * x + t)`` once the affine map moved past it.
+
+    ``ReLU(s * x + t) = s * h(x) + t'`` with ``h(x) = max(x, theta)`` where ``s > 0``,
+    ``min(x, theta)`` where ``s < 0`` and ``0`` where ``s = 0``; ``theta = -t / s``. The gate
+    ``x > theta`` (``x < theta``) is ReLU's gate, so gradients see the same mask. A subclass of
+    ``nn.ReLU`` so that LRP composites treat it as an activation. ``sign`` and ``threshold`` are
+    per-channel buffers along dim 1 (the last dim for rank-1/2 inputs is dim 1 as well).
+    """
+
+    def __init__(self, threshold: Tensor, sign: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("threshold", threshold)
+        self.register_buffer("sign", sign)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        threshold = self.threshold.to(x.dtype).reshape(shape)
+        if bool((self.sign > 0).all()):
+            return torch.maximum(x, threshold)
+        sign = self.sign.to(x.dtype).reshape(shape)
+        return sign * torch.maximum(sign * x, sign * threshold)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.threshold.numel()}"
+
+
+class Sum(nn.Module):
+    """Sum over the last dimension: ``Sum()(torch.stack([a, b], -1)) == a + b``.
+
+    Residual joins become this module (the layout of zennit's ``zennit.layer.Sum``), so LRP
+    libraries can attach a rule to the join.
+    """
+
+    def forward(self, stacked: Tensor) -> Tensor:
+        return stacked.sum(dim=-1)
+
+
 class FusedLinear(nn.Linear):
     """An ``nn.Linear`` whose weight and bias absorbed one or more BatchNorms."""
 

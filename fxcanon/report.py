@@ -14,6 +14,7 @@ FORWARD = "forward"  # Linear/Conv -> BN (A.1-A.5)
 BACKWARD_VECTOR = "backward, vector bias"  # BN -> Linear/Conv without zero padding (A.6-A.9)
 BACKWARD_BIAS_MAP = "backward, bias map"  # BN -> zero-padded Conv / ConvTranspose (A.10-A.20)
 THROUGH_LAYOUT = "through layout"  # BN -> layout ops / concat -> Linear/Conv (A.21-A.26)
+THRESHOLD = "threshold"  # BN -> ReLU -> (layout ops) -> Linear/Conv (section 5)
 
 
 @dataclass

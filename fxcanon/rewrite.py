@@ -11,7 +11,11 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from .fold_math import LayerTensors
+import torch.nn.functional as F
+
+from .affine import Sink
+from .fold_math import LayerTensors, channel_affine, fold_into_input
+from .report import BACKWARD_BIAS_MAP, BACKWARD_VECTOR, THROUGH_LAYOUT, Fold, index_ranges
 from .modules import FUSED_FOR, FUSED_TYPES
 from .views import LinearView
 
@@ -82,12 +86,12 @@ def _own_container(gm: GraphModule, target: str) -> nn.Module | None:
     return parent if parent is gm or type(parent) is nn.Module else None
 
 
-def _fresh_name(gm: GraphModule, base: str) -> str:
-    base = base.replace(".", "_")
-    name, k = f"{base}_fused", 1
+def fresh_name(gm: GraphModule, base: str) -> str:
+    """An attribute name not yet used in ``gm``, derived from ``base``."""
+    name, k = base.replace(".", "_"), 1
     while hasattr(gm, name):
         k += 1
-        name = f"{base}_fused{k}"
+        name = f"{base.replace('.', '_')}{k}"
     return name
 
 
@@ -99,10 +103,10 @@ def install_layer(gm: GraphModule, view: LinearView, layer: nn.Module) -> Node:
         if parent is not None and _sole_use(gm, node):
             setattr(parent, node.target.rpartition(".")[2], layer)
         else:
-            node.target = _fresh_name(gm, node.target)
+            node.target = fresh_name(gm, f"{node.target}_fused")
             gm.add_submodule(node.target, layer)
         return node
-    name = _fresh_name(gm, node.name)
+    name = fresh_name(gm, f"{node.name}_fused")
     gm.add_submodule(name, layer)
     data = node.args[0] if node.args else node.kwargs["input"]  # read now: users may have been rewired
     with gm.graph.inserting_before(node):
@@ -129,3 +133,22 @@ def finish(gm: GraphModule) -> None:
 
 def is_fused(module: nn.Module) -> bool:
     return type(module) in FUSED_TYPES
+
+
+def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, rule: str | None = None) -> Fold:
+    """Fold ``s * x + t`` into the input of ``sink`` (see ``FoldBatchNormBackward``) and install it."""
+    view, pad = sink.view, sink.pad
+    s_in, t_in = channel_affine(sink.channel_map.to(s.device), s, t)
+    vector = not (view.transposed or view.zero_padded or pad is not None or view.input_pad
+                  or view.bias_kernel is not None)
+    device = view.weight.device
+    tensors = fold_into_input(layer_tensors(view), s_in.to(device), t_in.to(device), transposed=view.transposed,
+                              groups=view.groups, vector_bias=vector, pad_value=pad.value if pad is not None else 0.0)
+    fused = install_layer(gm, view, build_layer(view, tensors, pad.pad if pad is not None else view.input_pad))
+    if pad is not None and pad.value != 0.0:  # the graph now pads with 0; pad_kernel restores the value
+        pad.node.op, pad.node.target = "call_function", F.pad
+        pad.node.args, pad.node.kwargs = (pad.node.args[0], list(pad.pad)), {}
+    if rule is None:
+        rule = THROUGH_LAYOUT if sink.path else BACKWARD_VECTOR if vector else BACKWARD_BIAS_MAP
+    changed = index_ranges(sink.channel_map.ge(0).nonzero().flatten().tolist())
+    return Fold(fused.name, rule, sink.path + ((pad.node.name,) if pad is not None else ()), changed)

@@ -316,3 +316,16 @@ def reads_only_metadata(node: Node, value: Node) -> bool:
         return True
     return (node.op == "call_function" and node.target is getattr
             and len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device"))
+
+
+_RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
+
+
+def relu_input(gm: GraphModule, node: Node) -> Node | None:
+    """The input of ``node`` if it is a plain ReLU (module, function or method), else None."""
+    if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU:
+        return node.args[0]
+    if (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in ("relu", "relu_")):
+        return node.args[0] if node.args else node.kwargs.get("input")
+    return None

@@ -13,7 +13,7 @@ from torch import nn
 
 from fxcanon import canonicalize, get_report
 from fxcanon.equivalence import check_equivalence, randomize_batchnorms
-from fxcanon.report import THROUGH_LAYOUT
+from fxcanon.report import THRESHOLD, THROUGH_LAYOUT
 
 
 def _flatten(y, e):
@@ -65,14 +65,18 @@ def _max_pool(y, e):
     return F.max_pool2d(y, 2, ceil_mode=True).flatten(1)
 
 
-# templates -> (consumer kind, BatchNorm folded?)
-POSITIVE = {_flatten: "linear", _channels_last_rows: "linear", _concat_features: "linear", _pooled: "linear",
-            _mean: "linear", _pairs: "linear", _transpose_twice: "conv", _channel_concat: "conv", _chunk: "conv",
-            _narrow_rows: "conv"}
-
-
 def _relu(y, e):
     return torch.relu(y).flatten(1)
+
+
+def _sigmoid(y, e):
+    return torch.sigmoid(y).flatten(1)
+
+
+# template -> consumer kind
+POSITIVE = {_flatten: "linear", _channels_last_rows: "linear", _concat_features: "linear", _pooled: "linear",
+            _mean: "linear", _pairs: "linear", _transpose_twice: "conv", _channel_concat: "conv", _chunk: "conv",
+            _narrow_rows: "conv", _relu: "linear"}
 
 
 def _batch_concat(y, e):
@@ -91,7 +95,7 @@ def _added(y, e):
     return (y + e[:, : y.size(1)]).flatten(1)
 
 
-NEGATIVE = {_relu: "linear", _batch_concat: "linear", _spatial_sum: "linear", _zero_padded_average: "linear",
+NEGATIVE = {_sigmoid: "linear", _batch_concat: "linear", _spatial_sum: "linear", _zero_padded_average: "linear",
             _added: "linear"}
 
 
@@ -136,7 +140,7 @@ def test_layout_paths_fold_exactly(case):
     gm = canonicalize(model, inputs)
     assert not _batchnorms_left(gm), get_report(gm)
     fold, = get_report(gm).entries["bn"].folds
-    assert fold.rule == THROUGH_LAYOUT and fold.path
+    assert fold.rule == (THRESHOLD if model.template is _relu else THROUGH_LAYOUT) and fold.path
     bigger = tuple(torch.randn(x.shape[0] + 1, *x.shape[1:]) for x in inputs)
     result = check_equivalence(model, inputs, [inputs, bigger])
     assert result.holds(), result

@@ -33,8 +33,9 @@ def assert_same(model, gm, *inputs, tol=1e-12):
         assert relative_error(gm(*inputs), model(*inputs)) <= tol
 
 
-def test_default_order_is_forward_then_backward():
-    assert DEFAULT_PASSES == (FoldBatchNormForward, FoldBatchNormBackward)
+def test_default_order_is_forward_backward_threshold_sums():
+    assert [p.__name__ for p in DEFAULT_PASSES] == [
+        "FoldBatchNormForward", "FoldBatchNormBackward", "FoldBatchNormThroughReLU", "ExplicitSums"]
 
 
 def test_forward_pass_alone_folds_conv_bn():

@@ -1,10 +1,19 @@
 """The canonization passes, each a ``torch.fx.passes.infra`` pass, and their default order."""
 
 from ._base import CanonizationPass
+from .explicit_sums import ExplicitSums
 from .fold_backward import FoldBatchNormBackward
 from .fold_forward import FoldBatchNormForward
+from .fold_threshold import FoldBatchNormThroughReLU
 
-# Forward folds first: they never need a bias map.
-DEFAULT_PASSES: tuple[type[CanonizationPass], ...] = (FoldBatchNormForward, FoldBatchNormBackward)
+# Forward folds first: they never need a bias map; the threshold activation only where neither applies.
+DEFAULT_PASSES: tuple[type[CanonizationPass], ...] = (
+    FoldBatchNormForward, FoldBatchNormBackward, FoldBatchNormThroughReLU, ExplicitSums,
+)
+# The same folds without explicit sums: for inference.
+FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:-1]
 
-__all__ = ["DEFAULT_PASSES", "CanonizationPass", "FoldBatchNormBackward", "FoldBatchNormForward"]
+__all__ = [
+    "DEFAULT_PASSES", "FOLD_PASSES", "CanonizationPass", "ExplicitSums", "FoldBatchNormBackward", "FoldBatchNormForward",
+    "FoldBatchNormThroughReLU",
+]

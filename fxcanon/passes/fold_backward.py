@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..affine import BackwardFold, Sink, backward_fold
-from ..fold_math import channel_affine, fold_into_input
-from ..report import BACKWARD_BIAS_MAP, BACKWARD_VECTOR, THROUGH_LAYOUT, Fold, index_ranges
-from ..rewrite import build_layer, finish, install_layer, layer_tensors
+from ..affine import BackwardFold, backward_fold
+from ..rewrite import finish, fold_sink
 from ._base import CanonizationPass
 
 
@@ -39,7 +36,7 @@ class FoldBatchNormBackward(CanonizationPass):
             for user in plan.rewired:
                 user.replace_input_with(bn.node, bn.input)
             for sink in plan.sinks:
-                entry.folds.append(self._fold(graph_module, sink, s, t))
+                entry.folds.append(fold_sink(graph_module, sink, s, t))
             if not bn.node.users:
                 graph_module.graph.erase_node(bn.node)
             entry.left_reason = plan.left_reason
@@ -47,21 +44,3 @@ class FoldBatchNormBackward(CanonizationPass):
         if modified:
             finish(graph_module)
         return PassResult(graph_module, modified)
-
-    @staticmethod
-    def _fold(gm: GraphModule, sink: Sink, s, t) -> Fold:
-        view, pad = sink.view, sink.pad
-        s_in, t_in = channel_affine(sink.channel_map.to(s.device), s, t)
-        vector = not (view.transposed or view.zero_padded or pad is not None or view.input_pad
-                      or view.bias_kernel is not None)
-        tensors = fold_into_input(layer_tensors(view), s_in.to(view.weight.device), t_in.to(view.weight.device),
-                                  transposed=view.transposed, groups=view.groups, vector_bias=vector,
-                                  pad_value=pad.value if pad is not None else 0.0)
-        layer = build_layer(view, tensors, pad.pad if pad is not None else view.input_pad)
-        fused = install_layer(gm, view, layer)
-        if pad is not None and pad.value != 0.0:
-            pad.node.op, pad.node.target = "call_function", F.pad
-            pad.node.args, pad.node.kwargs = (pad.node.args[0], list(pad.pad)), {}
-        rule = THROUGH_LAYOUT if sink.path else BACKWARD_VECTOR if vector else BACKWARD_BIAS_MAP
-        changed = index_ranges(sink.channel_map.ge(0).nonzero().flatten().tolist())
-        return Fold(fused.name, rule, sink.path + ((pad.node.name,) if pad is not None else ()), changed)

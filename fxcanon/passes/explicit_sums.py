@@ -1,0 +1,94 @@
+"""Residual additions as explicit ``Sum`` modules (as zennit's ResNet canonizer does)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ..modules import Sum
+from ..rewrite import fresh_name
+from ._base import CanonizationPass
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_NON_TENSOR_METHODS = {"size", "dim", "numel", "item", "tolist", "__len__"}
+
+
+def _is_computed_tensor(node: object) -> bool:
+    """True if ``node`` is a tensor computed by the graph (not a constant, parameter or size)."""
+    if not isinstance(node, Node) or node.op in ("get_attr", "output"):
+        return False
+    meta = node.meta.get("tensor_meta")
+    if meta is not None:
+        return hasattr(meta, "shape")
+    if "fxcanon_value" in node.meta:
+        return False
+    if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
+        return False
+    if node.op == "call_function":
+        if node.target is getattr:
+            return False
+        if node.target is operator.getitem:
+            return _is_computed_tensor(node.args[0])
+        if node.target in vars(operator).values():
+            return any(_is_computed_tensor(arg) for arg in node.args)
+    return True
+
+
+def _used_later(value: Node, node: Node) -> bool:
+    """True if ``value`` is read after ``node`` (an in-place add there would have changed it)."""
+    later = set()
+    for n in node.graph.nodes:
+        if n is node:
+            later = {node}
+        elif later:
+            later.add(n)
+    return any(user in later and user is not node for user in value.users)
+
+
+def _summands(node: Node) -> tuple[Node, Node] | None:
+    if node.op == "call_function" and node.target is operator.iadd and _used_later(node.args[0], node):
+        return None
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        if len(node.args) == 2 and not node.kwargs:
+            a, b = node.args
+            return (a, b) if _is_computed_tensor(a) and _is_computed_tensor(b) else None
+    if node.op == "call_method" and node.target == "add" and len(node.args) == 2 and not node.kwargs:
+        a, b = node.args
+        return (a, b) if _is_computed_tensor(a) and _is_computed_tensor(b) else None
+    return None
+
+
+class ExplicitSums(CanonizationPass):
+    """``a + b`` -> ``Sum()(torch.stack(torch.broadcast_tensors(a, b), -1))`` for computed tensors.
+
+    The function is unchanged (the stacked values are summed in the same order). Only additions
+    of two tensors computed by the graph are rewritten: ``x + 1``, bias additions of parameters and
+    size arithmetic stay. Switch it off (leave it out of ``passes``) for inference.
+    """
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        graph = graph_module.graph
+        modified = False
+        for node in list(graph.nodes):
+            summands = _summands(node)
+            if summands is None:
+                continue
+            name = fresh_name(graph_module, f"{node.name}_sum")
+            graph_module.add_submodule(name, Sum())
+            with graph.inserting_before(node):
+                shapes = [arg.meta.get("tensor_meta") for arg in summands]
+                same = all(hasattr(m, "shape") for m in shapes) and shapes[0].shape == shapes[1].shape
+                values = summands if same else graph.call_function(torch.broadcast_tensors, summands)
+                stacked = graph.call_function(torch.stack, (values if not same else list(values), -1))
+                total = graph.call_module(name, (stacked,))
+            total.meta = dict(node.meta)
+            node.replace_all_uses_with(total)
+            graph.erase_node(node)
+            modified = True
+        if modified:
+            graph.lint()
+            graph_module.recompile()
+        return PassResult(graph_module, modified)

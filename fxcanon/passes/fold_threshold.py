@@ -1,0 +1,61 @@
+"""BatchNorm -> ReLU -> linear layers: a threshold activation, the affine map folded past it
+(section 5 of the design notes; the "ThreshReLU" of the paper's DenseNet canonizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ..affine import BackwardFold, backward_fold
+from ..fold_math import relu_factorization
+from ..modules import ThresholdReLU
+from ..report import THRESHOLD
+from ..rewrite import finish, fold_sink, fresh_name
+from ..views import relu_input
+from ._base import CanonizationPass
+
+
+class FoldBatchNormThroughReLU(CanonizationPass):
+    """``ReLU(s * x + t) = s * h(x) + t'`` (section 5), then ``layer(s * h + t')`` as in A.6-A.26.
+
+    ``h`` is :class:`fxcanon.modules.ThresholdReLU` (``max(x, -t/s)`` for ``s > 0``, ``min`` for
+    ``s < 0``, ``0`` for ``s = 0``, where ``t' = ReLU(t)``); ``(s, t')`` is folded into every layer the
+    ReLU's output reaches through layout ops, exactly as ``FoldBatchNormBackward`` folds a
+    BatchNorm. Applies when the BatchNorm feeds only the ReLU and *every* use of the ReLU's output
+    can take the fold (DenseNet's ``norm -> relu -> conv``, pre-activation ResNets whose
+    shortcut and main branch share the ReLU); otherwise the BatchNorm is left as it is.
+    """
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        modified = False
+        for bn, entry, s, t in self.batchnorms(graph_module):
+            users = list(bn.node.users)
+            if len(users) != 1 or relu_input(graph_module, users[0]) is not bn.node:
+                continue
+            relu = users[0]
+            plan = backward_fold(graph_module, dataclasses.replace(bn, node=relu, input=bn.node), s)
+            if not isinstance(plan, BackwardFold) or plan.left_reason is not None:
+                reason = plan if isinstance(plan, str) else plan.left_reason
+                if "after its ReLU" not in (entry.left_reason or ""):
+                    entry.left_reason = f"{entry.left_reason}; after its ReLU: {reason}"
+                continue
+            theta, sign, shift = relu_factorization(s, t)
+            name = fresh_name(graph_module, f"{relu.name}_threshold")
+            reference = bn.running_mean
+            graph_module.add_submodule(name, ThresholdReLU(theta.to(reference), sign.to(reference)))
+            with graph_module.graph.inserting_before(relu):
+                threshold = graph_module.graph.call_module(name, (bn.input,))
+            threshold.meta = dict(relu.meta)
+            for user in plan.rewired:
+                user.replace_input_with(relu, threshold)
+            for sink in plan.sinks:
+                entry.folds.append(fold_sink(graph_module, sink, s, shift, rule=THRESHOLD))
+            graph_module.graph.erase_node(relu)
+            graph_module.graph.erase_node(bn.node)
+            entry.left_reason = None
+            modified = True
+        if modified:
+            finish(graph_module)
+        return PassResult(graph_module, modified)

@@ -1,0 +1,118 @@
+"""BN -> ReLU -> linear layers (threshold activation, section 5) and explicit residual sums."""
+
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+from fxcanon import canonicalize, get_report
+from fxcanon.equivalence import check_equivalence, randomize_batchnorms, relative_error
+from fxcanon.fold_math import relu_factorization
+from fxcanon.modules import Sum, ThresholdReLU
+from fxcanon.passes import FOLD_PASSES, ExplicitSums
+from fxcanon.report import THRESHOLD
+
+D = torch.float64
+
+
+def test_relu_factorization_every_sign_and_zero_scale():
+    s = torch.tensor([2.0, -0.5, 0.0, 0.0], dtype=D)
+    t = torch.tensor([0.3, 1.0, -2.0, 1.5], dtype=D)
+    theta, sign, shift = relu_factorization(s, t)
+    h = ThresholdReLU(theta, sign)
+    x = torch.linspace(-3, 3, 61, dtype=D).reshape(-1, 1).expand(-1, 4)
+    torch.testing.assert_close(s * h(x) + shift, torch.relu(s * x + t), rtol=0, atol=1e-14)
+
+
+def test_threshold_gate_is_relus_gate():
+    s, t = torch.tensor([1.5, -2.0], dtype=D), torch.tensor([0.2, 0.4], dtype=D)
+    theta, sign, _ = relu_factorization(s, t)
+    x = torch.randn(50, 2, dtype=D, requires_grad=True)
+    ThresholdReLU(theta, sign)(x).sum().backward()
+    assert torch.equal(x.grad != 0, s * x.detach() + t > 0)
+
+
+class PreActivation(nn.Module):
+    """BN -> ReLU shared by the shortcut and the main branch (pre-activation ResNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.main = nn.Conv2d(4, 6, 3, padding=1)
+        self.shortcut = nn.Conv2d(4, 6, 1, stride=1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(x))
+        return self.main(y) + self.shortcut(y)
+
+
+def test_pre_activation_block_folds_into_both_branches():
+    model = randomize_batchnorms(PreActivation()).eval()
+    with torch.no_grad():
+        model.bn.weight[0] = 0.0
+        model.bn.weight[1] *= -1
+    x = torch.randn(2, 4, 5, 6)
+    gm = canonicalize(model, (x,))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    assert sum(isinstance(m, ThresholdReLU) for m in gm.modules()) == 1
+    folds = get_report(gm).entries["bn"].folds
+    assert {f.into for f in folds} == {"main", "shortcut"} and {f.rule for f in folds} == {THRESHOLD}
+    result = check_equivalence(model, (x,), [(x,), (torch.randn(1, 4, 2, 9),)])
+    assert result.holds(), result
+
+
+def test_relu_with_a_non_linear_user_keeps_the_batchnorm():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(x))
+            return self.conv(y) * torch.sigmoid(y)
+
+    model = randomize_batchnorms(Net()).eval()
+    gm = canonicalize(model)
+    assert "after its ReLU" in get_report(gm).entries["bn"].left_reason
+    x = torch.randn(1, 3, 4, 4)
+    assert relative_error(gm(x), model(x)) == 0
+
+
+def test_sums_are_explicit_and_switchable():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            out = self.conv(x)
+            out += x
+            return torch.add(out, 1.0) + out.size(0)
+
+    model = Block().eval()
+    x = torch.randn(2, 3, 4, 4)
+    gm = canonicalize(model)
+    assert sum(isinstance(m, Sum) for m in gm.modules()) == 1
+    assert torch.equal(gm(x), model(x))
+    assert not any(isinstance(m, Sum) for m in canonicalize(model, passes=FOLD_PASSES).modules())
+
+
+def test_inplace_add_whose_input_is_read_later_is_left():
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    a, b = graph.call_function(operator.mul, (x, 2)), graph.call_function(operator.mul, (x, 3))
+    c = graph.call_function(operator.iadd, (a, b))
+    graph.output((c, graph.call_function(operator.neg, (a,))))
+    gm = canonicalize(torch.fx.GraphModule(nn.Module(), graph), passes=[ExplicitSums])
+    assert not any(isinstance(m, Sum) for m in gm.modules())
+
+
+def test_broadcasting_sum_keeps_its_shape():
+    class Net(nn.Module):
+        def forward(self, x, y):
+            return x.relu() + y.relu()
+
+    inputs = (torch.randn(2, 3, 4), torch.randn(3, 1))
+    gm = canonicalize(Net(), inputs, passes=[ExplicitSums])
+    assert torch.equal(gm(*inputs), Net()(*inputs))
