@@ -1,6 +1,7 @@
 """fxcanon: exact BatchNorm canonization of torch.fx graphs."""
 
 from . import passes
+from .backend import fxcanon_backend, register as _register_backend
 from .canonicalize import canonicalize, trace
 from .errors import CanonizationError
 from .modules import (FusedConv1d, FusedConv2d, FusedConv3d, FusedConvTranspose1d, FusedConvTranspose2d,
@@ -10,5 +11,7 @@ from .report import Report, get_report
 __all__ = [
     "CanonizationError", "FusedConv1d", "FusedConv2d", "FusedConv3d", "FusedConvTranspose1d",
     "FusedConvTranspose2d", "FusedConvTranspose3d", "FusedLinear", "Report", "canonicalize", "get_report",
-    "passes", "trace",
+    "fxcanon_backend", "passes", "trace",
 ]
+
+_register_backend()

@@ -97,9 +97,9 @@ class BackwardFold:
     left_reason: str | None = None  # why some users keep the BatchNorm
 
 
-def forward_fold(gm: GraphModule, bn: BatchNormView) -> ForwardFold | str:
+def forward_fold(gm: GraphModule, bn: BatchNormView, graph_params: bool = False) -> ForwardFold | str:
     """A forward fold of ``bn``, or the reason there is none."""
-    producer = linear_view(gm, bn.input)
+    producer = linear_view(gm, bn.input, graph_params)
     if producer is None:
         return f"input {bn.input.name} is not a Linear/Conv/ConvTranspose layer"
     if len(bn.input.users) != 1:
@@ -134,11 +134,11 @@ def _channel_map(view: LinearView, ids: Tensor) -> Tensor:
     return _ids_to_map(rows[0])
 
 
-def _pad_sink(gm: GraphModule, pad: ConstantPadView) -> LinearView | None:
+def _pad_sink(gm: GraphModule, pad: ConstantPadView, graph_params: bool) -> LinearView | None:
     """The convolution right after constant padding, if the padding feeds only it (spatial axes only)."""
     if len(pad.node.users) != 1:
         return None
-    conv = linear_view(gm, next(iter(pad.node.users)))
+    conv = linear_view(gm, next(iter(pad.node.users)), graph_params)
     if conv is None or conv.transposed or conv.spatial_dims == 0 or conv.input is not pad.node:
         return None
     if len(pad.pad) > 2 * conv.spatial_dims or min(pad.pad) < 0:
@@ -151,8 +151,8 @@ def _pad_sink(gm: GraphModule, pad: ConstantPadView) -> LinearView | None:
 class _ConePropagation:
     """Runs the uses of one BatchNorm on feature ids (see module docstring)."""
 
-    def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor) -> None:
-        self.gm, self.bn, self.s = gm, bn, s
+    def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> None:
+        self.gm, self.bn, self.s, self.graph_params = gm, bn, s, graph_params
         self.ids: dict[Node, Any] = {}
         self.paths: dict[Node, tuple[str, ...]] = {}
         self.sinks: list[Sink] = []
@@ -183,13 +183,13 @@ class _ConePropagation:
         path = self.paths[cone_args[0]]
         if all(reads_only_metadata(node, arg) for arg in cone_args):
             return
-        view = linear_view(self.gm, node)
+        view = linear_view(self.gm, node, self.graph_params)
         if view is not None and cone_args == [view.input]:
             self.sinks.append(Sink(view, _channel_map(view, self.ids[view.input]), path))
             return
         pad = constant_pad_view(self.gm, node)
         if pad is not None and cone_args == [pad.input]:
-            conv = _pad_sink(self.gm, pad)
+            conv = _pad_sink(self.gm, pad, self.graph_params)
             if conv is None:
                 raise _Stop(f"{node.name}: constant padding that does not feed a convolution directly")
             self.sinks.append(Sink(conv, _channel_map(conv, self.ids[pad.input]), path, pad))
@@ -227,6 +227,8 @@ class _ConePropagation:
             if not bool((-run(*_negated(args), **kwargs) == out).all()):
                 raise _Stop(f"{node.name}: takes a maximum over different features")
             channels = _ids_to_map(out.flatten())
+            if self.s is None:
+                raise _Stop(f"{node.name}: max pooling needs the BatchNorm's scale, unknown here")
             if bool((self.s[channels[channels >= 0].unique()] < 0).any()):
                 raise _Stop(f"{node.name}: max pooling does not commute with a negative BatchNorm scale")
         return out
@@ -281,10 +283,11 @@ def _target_name(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
 
 
-def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node) -> Sink | str:
+def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node, graph_params: bool) -> Sink | str:
     """A sink for a direct use of ``bn`` needing no recorded shapes, or the reason it is none."""
     pad = constant_pad_view(gm, user)
-    view = _pad_sink(gm, pad) if pad is not None and pad.input is bn.node else linear_view(gm, user)
+    view = _pad_sink(gm, pad, graph_params) if pad is not None and pad.input is bn.node \
+        else linear_view(gm, user, graph_params)
     if view is None or (pad is None and view.input is not bn.node) or \
             any(arg is bn.node for arg in view.node.all_input_nodes if arg is not view.input):
         return f"{user.name} ({_target_name(user.target)}) is not a linear layer"
@@ -296,18 +299,22 @@ def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node) -> Sink | str:
     return Sink(view, torch.arange(bn.num_features), (), pad)
 
 
-def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor) -> BackwardFold | str:
-    """Where ``bn`` can be folded into the layers that consume it, or the reason it cannot."""
+def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
+                  graph_params: bool = False) -> BackwardFold | str:
+    """Where ``bn`` can be folded into the layers that consume it, or the reason it cannot.
+
+    ``s`` (the BatchNorm's scale, None when unknown) decides whether max pooling commutes.
+    """
     users = list(bn.node.users)
     try:
-        sinks = _ConePropagation(gm, bn, s).run()
+        sinks = _ConePropagation(gm, bn, s, graph_params).run()
         return BackwardFold(bn, sinks, users)
     except _Stop as stop:
         whole = str(stop)
     plan = BackwardFold(bn)
     reasons = []
     for user in users:
-        sink = _direct_sink(gm, bn, user)
+        sink = _direct_sink(gm, bn, user, graph_params)
         if isinstance(sink, Sink):
             plan.sinks.append(sink)
             plan.rewired.append(user)

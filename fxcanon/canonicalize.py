@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, symbolic_trace
-from torch.fx.passes.infra.pass_manager import PassManager
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .affine import VALUE_KEY
@@ -18,7 +17,23 @@ from .passes import DEFAULT_PASSES, CanonizationPass
 from .report import REPORT_KEY, Report
 
 
-_MAX_ROUNDS = 8  # rerun the passes while they change the graph (a fold can enable another)
+_MAX_ROUNDS = 8
+
+
+def run_passes(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: int = _MAX_ROUNDS) -> GraphModule:
+    """Run ``passes`` in order, again while any of them changes the graph (a fold can enable another).
+
+    Like ``torch.fx.passes.infra.PassManager`` with ``steps``, without regenerating code after
+    passes that changed nothing (codegen dominated canonicalization time that way).
+    """
+    for _ in range(max_rounds):
+        modified = False
+        for canon_pass in passes:
+            result = canon_pass(gm)
+            gm, modified = result.graph_module, modified or result.modified
+        if not modified:
+            break
+    return gm
 
 
 class _ShapeRecorder(ShapeProp):
@@ -73,19 +88,15 @@ def canonicalize(
     """
     if example_inputs is None and callable(getattr(model, "example_inputs", None)):
         example_inputs = model.example_inputs()
-    source = trace(model)
-    gm = GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__)
+    if isinstance(model, GraphModule):  # work on a copy: new containers, new graph, same leaf modules
+        gm = GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
+    else:
+        gm = trace(model)
     if example_inputs is not None:
         record_shapes(gm, (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs))
     report = Report()
     selected = [p(report, allow_training=allow_training) if isinstance(p, type) else p
                 for p in (DEFAULT_PASSES if passes is None else passes)]
-    try:
-        result = PassManager(selected, steps=_MAX_ROUNDS)(gm)
-    except Exception as error:  # PassManager wraps errors of passes; surface ours unchanged
-        if isinstance(error.__cause__, CanonizationError):
-            raise error.__cause__ from None
-        raise
-    out = result.graph_module
+    out = run_passes(gm, selected)
     out.meta[REPORT_KEY] = report
     return out

@@ -1,4 +1,5 @@
-"""Fold math: pure tensor functions, no graph. Everything is computed in float64.
+"""Fold math: pure tensor functions, no graph. Everything is computed in float64: BatchNorm
+vectors are float64, and weights of lower precision are promoted to float64 by the products.
 
 Notation (``../shared/design/canonization-math.md``): an eval-mode BatchNorm is the per-channel
 affine map ``BN(x) = s * x + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta - s * mean``.
@@ -56,7 +57,9 @@ def scale_input_channels(weight: Tensor, scale: Tensor, *, transposed: bool = Fa
 
 @dataclass(frozen=True)
 class LayerTensors:
-    """The float64 tensors of a linear-like layer; kernels have the weight's layout (see modules)."""
+    """The tensors of a linear-like layer; kernels have the weight's layout (see modules).
+
+    Results of the fold functions are float64; inputs may be the layer's own dtype."""
 
     weight: Tensor
     bias: Tensor
@@ -90,10 +93,11 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
     weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
     pad_kernel = layer.pad_kernel
     if pad_value != 0.0:
-        pad_kernel = layer.weight * pad_value if pad_kernel is None else pad_kernel + layer.weight * pad_value
+        padded = layer.weight.double() * pad_value
+        pad_kernel = padded if pad_kernel is None else pad_kernel + padded
     if vector_bias:
         return replace(layer, weight=weight, bias=layer.bias + shift.flatten(1).sum(1), pad_kernel=pad_kernel)
-    bias_kernel = shift if layer.bias_kernel is None else layer.bias_kernel + shift
+    bias_kernel = shift if layer.bias_kernel is None else layer.bias_kernel.double() + shift
     return replace(layer, weight=weight, bias_kernel=bias_kernel, pad_kernel=pad_kernel)
 
 
@@ -117,3 +121,29 @@ def relu_factorization(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     zero = s == 0
     theta = torch.where(zero, torch.zeros_like(t), -t / torch.where(zero, torch.ones_like(s), s))
     return theta, torch.sign(s), torch.where(zero, t.clamp(min=0), t)
+
+
+def fused_output(weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, *, transposed: bool = False,
+                 groups: int = 1) -> tuple[Tensor, Tensor]:
+    """:func:`fold_into_output` on raw layer tensors, results in the weight's dtype.
+
+    Graph-callable: the ``torch.compile`` backend emits it on the parameters the graph receives.
+    """
+    bias64 = torch.zeros(s.shape, dtype=torch.float64, device=weight.device) if bias is None else bias.double()
+    fused = fold_into_output(LayerTensors(weight, bias64), s, t, transposed=transposed, groups=groups)
+    return fused.weight.to(weight.dtype), fused.bias.to(weight.dtype)
+
+
+def fused_input(weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, *, channel_map: tuple[int, ...],
+                transposed: bool = False, groups: int = 1, vector_bias: bool
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`fold_into_input` on raw layer tensors for a channel map; weight, bias and bias kernel
+    (None with ``vector_bias``) in the weight's dtype. Graph-callable like :func:`fused_output`."""
+    out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    bias64 = torch.zeros(out_channels, dtype=torch.float64, device=weight.device) if bias is None \
+        else bias.double()
+    s_in, t_in = channel_affine(torch.tensor(channel_map, device=s.device), s, t)
+    fused = fold_into_input(LayerTensors(weight, bias64), s_in, t_in, transposed=transposed, groups=groups,
+                            vector_bias=vector_bias)
+    kernel = None if fused.bias_kernel is None else fused.bias_kernel.to(weight.dtype)
+    return fused.weight.to(weight.dtype), fused.bias.to(weight.dtype), kernel

@@ -107,19 +107,39 @@ class _FusedConvNd(_BiasMapMixin):
 
 
 class _FusedConvTransposeNd(_BiasMapMixin):
-    _functional = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
     def _response(self, mask: Tensor, kernel: Tensor, output_size: list[int] | None) -> Tensor:
         spatial = len(self.kernel_size)
         output_padding = self._output_padding(mask, output_size, self.stride, self.padding, self.kernel_size,
                                               spatial, self.dilation)
-        return self._functional[spatial](mask, kernel, None, self.stride, self.padding, output_padding,
-                                         self.groups, self.dilation)
+        return _CONV_TRANSPOSE[spatial](mask, kernel, None, self.stride, self.padding, output_padding,
+                                        self.groups, self.dilation)
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         y = super().forward(x, output_size)
         bias_map = self.bias_map(x, output_size)
         return y if bias_map is None else y + bias_map
+
+
+def threshold_relu(x: Tensor, threshold: Tensor, sign: Tensor) -> Tensor:
+    """``h(x)`` of :class:`ThresholdReLU` for per-channel (dim 1) ``threshold`` and ``sign``."""
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    sign = sign.to(x.dtype).reshape(shape)
+    return sign * torch.maximum(sign * x, sign * threshold.to(x.dtype).reshape(shape))
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv_bias_map(x: Tensor, kernel: Tensor, *, spatial_dims: int, transposed: bool, stride: tuple[int, ...],
+                  padding: tuple[int, ...] | str, dilation: tuple[int, ...], groups: int,
+                  output_padding: tuple[int, ...] = ()) -> Tensor:
+    """The response of a zero-padded (transposed) convolution with ``kernel`` to all-ones of x's size
+    (batch 1): the position-dependent bias of a BatchNorm folded into the layer's input (A.10-A.20)."""
+    ones = x.new_ones((1,) * (x.dim() - spatial_dims - 1) + tuple(x.shape[-spatial_dims - 1:]))
+    if transposed:
+        return _CONV_TRANSPOSE[spatial_dims](ones, kernel, None, stride, padding, output_padding, groups, dilation)
+    return _CONV[spatial_dims](ones, kernel, None, stride, padding, dilation, groups)
 
 
 class ThresholdReLU(nn.ReLU):
@@ -138,12 +158,9 @@ class ThresholdReLU(nn.ReLU):
         self.register_buffer("sign", sign)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (-1,) + (1,) * (x.dim() - 2)
-        threshold = self.threshold.to(x.dtype).reshape(shape)
-        if bool((self.sign > 0).all()):
-            return torch.maximum(x, threshold)
-        sign = self.sign.to(x.dtype).reshape(shape)
-        return sign * torch.maximum(sign * x, sign * threshold)
+        if bool((self.sign > 0).all()):  # the common case, one op
+            return torch.maximum(x, self.threshold.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 2)))
+        return threshold_relu(x, self.threshold, self.sign)
 
     def extra_repr(self) -> str:
         return f"channels={self.threshold.numel()}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch.fx import GraphModule
 
@@ -30,6 +31,15 @@ class Fold:
         via = f" via {' -> '.join(self.path)}" if self.path else ""
         inputs = f" inputs {self.inputs}" if self.inputs else ""
         return f"{self.into}{inputs} ({self.rule}){via}"
+
+
+def fold_record(into: str, sink: Any, vector_bias: bool, rule: str | None = None) -> Fold:
+    """The report line for a fold into ``sink`` (an ``fxcanon.affine.Sink``)."""
+    if rule is None:
+        rule = THROUGH_LAYOUT if sink.path else BACKWARD_VECTOR if vector_bias else BACKWARD_BIAS_MAP
+    changed = index_ranges(sink.channel_map.ge(0).nonzero().flatten().tolist())
+    path = sink.path + ((sink.pad.node.name,) if sink.pad is not None else ())
+    return Fold(into, rule, path, changed)
 
 
 def index_ranges(indices: list[int]) -> str:

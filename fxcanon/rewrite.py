@@ -7,16 +7,18 @@ afresh) or, when the old layer is also used elsewhere, under a new name for this
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-import torch.nn.functional as F
-
 from .affine import Sink
-from .fold_math import LayerTensors, channel_affine, fold_into_input
-from .report import BACKWARD_BIAS_MAP, BACKWARD_VECTOR, THROUGH_LAYOUT, Fold, index_ranges
-from .modules import FUSED_FOR, FUSED_TYPES
+from .fold_math import (LayerTensors, batchnorm_affine, channel_affine, fold_into_input, fused_input, fused_output,
+                        relu_factorization)
+from .modules import FUSED_FOR
+from .report import Fold, fold_record
 from .views import LinearView
 
 _BASE_TYPES = {
@@ -27,11 +29,12 @@ _BASE_TYPES = {
 
 
 def layer_tensors(view: LinearView) -> LayerTensors:
-    """The layer's tensors in float64 (a missing bias is zero)."""
-    weight = view.weight.detach().double()
+    """The layer's tensors: weights as they are (the fold math promotes them to float64 against the
+    float64 BatchNorm vectors, one pass over the weights), bias in float64 (zero if missing)."""
+    weight = view.weight.detach()
     bias = torch.zeros(view.out_channels, dtype=torch.float64, device=weight.device) if view.bias is None \
         else view.bias.detach().double()
-    kernels = [None if k is None else k.detach().double() for k in (view.bias_kernel, view.pad_kernel)]
+    kernels = [None if k is None else k.detach() for k in (view.bias_kernel, view.pad_kernel)]
     return LayerTensors(weight, bias, *kernels)
 
 
@@ -117,22 +120,25 @@ def install_layer(gm: GraphModule, view: LinearView, layer: nn.Module) -> Node:
     return new
 
 
-def finish(gm: GraphModule) -> None:
-    """Drop unused ``get_attr`` nodes and modules the graph no longer calls; regenerate code.
+_OWN_FUNCTIONS = {batchnorm_affine, fused_output, fused_input, relu_factorization}  # emitted by GraphFolder
+
+
+def finish(gm: GraphModule, modified: bool) -> None:
+    """After a pass: drop unused ``get_attr`` nodes and unused fold computations the pass emitted;
+    if it changed the graph, drop modules no longer called and regenerate code.
 
     Only nodes the passes orphaned go: a general dead-code sweep would also drop in-place
     calls whose results are unused.
     """
     for node in reversed(list(gm.graph.nodes)):
-        if node.op == "get_attr" and not node.users:
+        if not node.users and (node.op == "get_attr" or node.target in _OWN_FUNCTIONS
+                               or (node.target is operator.getitem and node.args[0].target in _OWN_FUNCTIONS)):
             gm.graph.erase_node(node)
+    if not modified:
+        return
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-
-
-def is_fused(module: nn.Module) -> bool:
-    return type(module) in FUSED_TYPES
 
 
 def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, rule: str | None = None) -> Fold:
@@ -148,7 +154,4 @@ def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, rule: str | Non
     if pad is not None and pad.value != 0.0:  # the graph now pads with 0; pad_kernel restores the value
         pad.node.op, pad.node.target = "call_function", F.pad
         pad.node.args, pad.node.kwargs = (pad.node.args[0], list(pad.pad)), {}
-    if rule is None:
-        rule = THROUGH_LAYOUT if sink.path else BACKWARD_VECTOR if vector else BACKWARD_BIAS_MAP
-    changed = index_ranges(sink.channel_map.ge(0).nonzero().flatten().tolist())
-    return Fold(fused.name, rule, sink.path + ((pad.node.name,) if pad is not None else ()), changed)
+    return fold_record(fused.name, sink, vector, rule)

@@ -84,14 +84,22 @@ def _ntuple(value: Any, n: int) -> tuple[int, ...]:
     return tuple(int(value) for _ in range(n))
 
 
-def _param(gm: GraphModule, value: Any) -> Tensor | None:
-    """A parameter argument: a ``get_attr`` node, a constant tensor or None; else raise KeyError."""
+def _param(gm: GraphModule, value: Any, graph_params: bool) -> Tensor | None:
+    """A parameter argument: a ``get_attr`` node, a constant tensor or None; else raise KeyError.
+
+    With ``graph_params``, a parameter that is a graph input or computed in the graph (as in
+    ``torch.compile`` graphs) is described by a meta tensor of its recorded shape and dtype.
+    """
     if value is None or isinstance(value, Tensor):
         return value
     if isinstance(value, Node) and value.op == "get_attr":
         tensor = get_attr_value(gm, value.target)
         if isinstance(tensor, Tensor):
             return tensor
+    if graph_params and isinstance(value, Node):
+        meta = value.meta.get("tensor_meta")
+        if hasattr(meta, "shape"):
+            return torch.empty(meta.shape, dtype=meta.dtype, device="meta")
     raise KeyError("parameter is computed in the graph")
 
 
@@ -116,6 +124,7 @@ class LinearView:
     pad_kernel: Tensor | None = None
     input_pad: tuple[int, ...] = ()
     extra_args: tuple[Any, ...] = field(default=())  # e.g. ConvTranspose's output_size
+    args: dict[str, Any] = field(default_factory=dict)  # a functional call's arguments by name
 
     @property
     def kind(self) -> str:
@@ -150,8 +159,11 @@ class LinearView:
         return any(p > 0 for p in self.padding)
 
 
-def linear_view(gm: GraphModule, node: Node) -> LinearView | None:
-    """View ``node`` as a linear-like layer, or None if it is not one fxcanon can rewrite."""
+def linear_view(gm: GraphModule, node: Node, graph_params: bool = False) -> LinearView | None:
+    """View ``node`` as a linear-like layer, or None if it is not one fxcanon can rewrite.
+
+    Parameters must be constants (modules, ``get_attr``) unless ``graph_params`` (see ``_param``).
+    """
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         dims_transposed = _LINEAR_MODULES.get(type(module))
@@ -175,21 +187,21 @@ def linear_view(gm: GraphModule, node: Node) -> LinearView | None:
         names, dims, transposed = _LINEAR_FUNCTIONS[node.target]
         args = bind_args(node, names)
         try:
-            weight, bias = _param(gm, args.get("weight")), _param(gm, args.get("bias"))
+            weight, bias = (_param(gm, args.get(k), graph_params) for k in ("weight", "bias"))
         except KeyError:
             return None
         if not isinstance(args.get("input"), Node) or weight is None:
             return None
         if dims == 0:
             return LinearView(node=node, input=args["input"], weight=weight, bias=bias, spatial_dims=0,
-                              transposed=False)
+                              transposed=False, args=args)
         padding = args.get("padding", 0)
         return LinearView(
             node=node, input=args["input"], weight=weight, bias=bias, spatial_dims=dims, transposed=transposed,
             stride=_ntuple(args.get("stride", 1), dims),
             padding=padding if isinstance(padding, str) else _ntuple(padding, dims),
             dilation=_ntuple(args.get("dilation", 1), dims), groups=int(args.get("groups", 1)),
-            output_padding=_ntuple(args.get("output_padding", 0), dims) if transposed else (),
+            output_padding=_ntuple(args.get("output_padding", 0), dims) if transposed else (), args=args,
         )
     return None
 
@@ -208,6 +220,7 @@ class BatchNormView:
     eps: float
     training: bool
     accepted_ranks: tuple[int, ...] | None  # ranks the call itself enforces
+    args: dict[str, Any] = field(default_factory=dict)  # a functional call's arguments by name
 
     @property
     def num_features(self) -> int:
@@ -223,8 +236,8 @@ class BatchNormView:
         return ranks[0] if ranks is not None and len(ranks) == 1 else None
 
 
-def batchnorm_view(gm: GraphModule, node: Node) -> BatchNormView | None:
-    """View ``node`` as a BatchNorm, or None if it is not one."""
+def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False) -> BatchNormView | None:
+    """View ``node`` as a BatchNorm, or None if it is not one (``graph_params``: see ``_param``)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if type(module) not in _BATCHNORM_MODULES or not isinstance(node.args[0], Node):
@@ -238,14 +251,15 @@ def batchnorm_view(gm: GraphModule, node: Node) -> BatchNormView | None:
     if node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
         args = bind_args(node, _BATCHNORM_FUNCTIONS[node.target])
         try:
-            tensors = {k: _param(gm, args.get(k)) for k in ("running_mean", "running_var", "weight", "bias")}
+            tensors = {k: _param(gm, args.get(k), graph_params)
+                       for k in ("running_mean", "running_var", "weight", "bias")}
         except KeyError:
             return None
         training = args.get("training", False)
         if not isinstance(args.get("input"), Node) or not isinstance(training, bool):
             return None
         return BatchNormView(node=node, input=args["input"], name=node.name, eps=float(args.get("eps", 1e-5)),
-                             training=training, accepted_ranks=None, **tensors)
+                             training=training, accepted_ranks=None, args=args, **tensors)
     return None
 
 

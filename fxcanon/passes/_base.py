@@ -1,38 +1,44 @@
-"""What every fxcanon pass shares: the report, the training-mode policy, BatchNorm validation."""
+"""What every fxcanon pass shares: the report, the training-mode policy, the folder."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from torch import Tensor
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase
 
-from ..fold_math import batchnorm_affine
+from ..folders import Affine, GraphFolder, ModuleFolder
 from ..report import Entry, Report
-from ..views import BatchNormView, batchnorm_view, check_batchnorm
+from ..views import BatchNormView, batchnorm_view
 
 
 class CanonizationPass(PassBase):
-    """A ``torch.fx.passes.infra`` pass that records what it did in a shared :class:`Report`."""
+    """A ``torch.fx.passes.infra`` pass that records what it did in a shared :class:`Report`.
 
-    def __init__(self, report: Report | None = None, *, allow_training: bool = False) -> None:
+    ``folder`` writes the folds: :class:`~fxcanon.folders.ModuleFolder` (default) installs fused
+    modules, :class:`~fxcanon.folders.GraphFolder` emits graph computations (``torch.compile``).
+    """
+
+    def __init__(self, report: Report | None = None, *, allow_training: bool = False,
+                 folder: ModuleFolder | GraphFolder | None = None) -> None:
         self.report = report if report is not None else Report()
         self.allow_training = allow_training
+        self.folder = folder if folder is not None else ModuleFolder()
 
-    def batchnorms(self, gm: GraphModule) -> Iterator[tuple[BatchNormView, Entry, Tensor, Tensor]]:
-        """Each foldable BatchNorm with its report entry and float64 ``(s, t)``; others are reported.
+    def batchnorms(self, gm: GraphModule, reverse: bool = False) -> Iterator[tuple[BatchNormView, Entry, Affine]]:
+        """Each foldable BatchNorm with its report entry and affine map; others are reported.
 
+        ``reverse`` visits the last BatchNorm first (so ``BN -> BN -> conv`` folds in one sweep).
         Raises CanonizationError for training mode (unless allowed) and non-finite statistics.
         """
-        for node in list(gm.graph.nodes):
-            bn = batchnorm_view(gm, node)
+        nodes = list(gm.graph.nodes)
+        for node in reversed(nodes) if reverse else nodes:
+            bn = batchnorm_view(gm, node, self.folder.graph_params)
             if bn is None:
                 continue
             entry = self.report.entry(node.name, bn.name)
-            reason = check_batchnorm(bn, self.allow_training)
-            if reason is not None:
-                entry.left_reason = reason
+            affine = self.folder.affine(gm, bn, self.allow_training)
+            if isinstance(affine, str):
+                entry.left_reason = affine
                 continue
-            s, t = batchnorm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-            yield bn, entry, s, t
+            yield bn, entry, affine

@@ -9,7 +9,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..modules import Sum
-from ..rewrite import fresh_name
+from ..rewrite import finish, fresh_name
 from ._base import CanonizationPass
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -88,7 +88,5 @@ class ExplicitSums(CanonizationPass):
             node.replace_all_uses_with(total)
             graph.erase_node(node)
             modified = True
-        if modified:
-            graph.lint()
-            graph_module.recompile()
+        finish(graph_module, modified)
         return PassResult(graph_module, modified)

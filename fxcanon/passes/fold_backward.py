@@ -7,7 +7,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import BackwardFold, backward_fold
-from ..rewrite import finish, fold_sink
+from ..rewrite import finish
 from ._base import CanonizationPass
 
 
@@ -26,8 +26,10 @@ class FoldBatchNormBackward(CanonizationPass):
 
     def call(self, graph_module: GraphModule) -> PassResult:
         modified = False
-        for bn, entry, s, t in self.batchnorms(graph_module):
-            plan = backward_fold(graph_module, bn, s)
+        for bn, entry, affine in self.batchnorms(graph_module, reverse=True):
+            plan = backward_fold(graph_module, bn, affine.scale, self.folder.graph_params)
+            if isinstance(plan, BackwardFold) and not all(self.folder.supports(k.view) for k in plan.sinks):
+                plan = "a consumer's kind is not supported here"
             if not isinstance(plan, BackwardFold):
                 if not entry.folds:
                     entry.left_reason = f"{entry.left_reason}; not before a layer: {plan}" if entry.left_reason \
@@ -36,11 +38,10 @@ class FoldBatchNormBackward(CanonizationPass):
             for user in plan.rewired:
                 user.replace_input_with(bn.node, bn.input)
             for sink in plan.sinks:
-                entry.folds.append(fold_sink(graph_module, sink, s, t))
+                entry.folds.append(self.folder.fold_input(graph_module, sink, affine.s, affine.t))
             if not bn.node.users:
                 graph_module.graph.erase_node(bn.node)
             entry.left_reason = plan.left_reason
             modified = True
-        if modified:
-            finish(graph_module)
+        finish(graph_module, modified)
         return PassResult(graph_module, modified)

@@ -6,9 +6,8 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import ForwardFold, forward_fold
-from ..fold_math import fold_into_output
 from ..report import FORWARD, Fold
-from ..rewrite import build_layer, finish, install_layer, layer_tensors
+from ..rewrite import finish
 from ._base import CanonizationPass
 
 
@@ -23,21 +22,17 @@ class FoldBatchNormForward(CanonizationPass):
 
     def call(self, graph_module: GraphModule) -> PassResult:
         modified = False
-        for bn, entry, s, t in self.batchnorms(graph_module):
-            plan = forward_fold(graph_module, bn)
-            if not isinstance(plan, ForwardFold):
+        for bn, entry, affine in self.batchnorms(graph_module):
+            plan = forward_fold(graph_module, bn, self.folder.graph_params)
+            if not isinstance(plan, ForwardFold) or not self.folder.supports(plan.producer):
                 if not entry.folds:
-                    entry.left_reason = f"not after a layer: {plan}"
+                    entry.left_reason = f"not after a layer: {plan if isinstance(plan, str) else 'unsupported'}"
                 continue
-            producer = plan.producer
-            tensors = fold_into_output(layer_tensors(producer), s, t, transposed=producer.transposed,
-                                       groups=producer.groups)
-            fused = install_layer(graph_module, producer, build_layer(producer, tensors, producer.input_pad))
+            fused = self.folder.fold_output(graph_module, plan, affine)
             bn.node.replace_all_uses_with(fused)
             graph_module.graph.erase_node(bn.node)
             entry.folds.append(Fold(fused.name, FORWARD))
             entry.left_reason = None
             modified = True
-        if modified:
-            finish(graph_module)
+        finish(graph_module, modified)
         return PassResult(graph_module, modified)

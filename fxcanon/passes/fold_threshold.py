@@ -9,10 +9,8 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import BackwardFold, backward_fold
-from ..fold_math import relu_factorization
-from ..modules import ThresholdReLU
 from ..report import THRESHOLD
-from ..rewrite import finish, fold_sink, fresh_name
+from ..rewrite import finish
 from ..views import relu_input
 from ._base import CanonizationPass
 
@@ -30,32 +28,29 @@ class FoldBatchNormThroughReLU(CanonizationPass):
 
     def call(self, graph_module: GraphModule) -> PassResult:
         modified = False
-        for bn, entry, s, t in self.batchnorms(graph_module):
+        for bn, entry, affine in self.batchnorms(graph_module):
             users = list(bn.node.users)
             if len(users) != 1 or relu_input(graph_module, users[0]) is not bn.node:
                 continue
             relu = users[0]
-            plan = backward_fold(graph_module, dataclasses.replace(bn, node=relu, input=bn.node), s)
+            plan = backward_fold(graph_module, dataclasses.replace(bn, node=relu, input=bn.node), affine.scale,
+                                 self.folder.graph_params)
+            if isinstance(plan, BackwardFold) and not all(self.folder.supports(k.view) for k in plan.sinks):
+                plan = "a consumer's kind is not supported here"
             if not isinstance(plan, BackwardFold) or plan.left_reason is not None:
                 reason = plan if isinstance(plan, str) else plan.left_reason
                 if "after its ReLU" not in (entry.left_reason or ""):
                     entry.left_reason = f"{entry.left_reason}; after its ReLU: {reason}"
                 continue
-            theta, sign, shift = relu_factorization(s, t)
-            name = fresh_name(graph_module, f"{relu.name}_threshold")
-            reference = bn.running_mean
-            graph_module.add_submodule(name, ThresholdReLU(theta.to(reference), sign.to(reference)))
-            with graph_module.graph.inserting_before(relu):
-                threshold = graph_module.graph.call_module(name, (bn.input,))
+            threshold, shift = self.folder.threshold(graph_module, bn, relu, affine)
             threshold.meta = dict(relu.meta)
             for user in plan.rewired:
                 user.replace_input_with(relu, threshold)
             for sink in plan.sinks:
-                entry.folds.append(fold_sink(graph_module, sink, s, shift, rule=THRESHOLD))
+                entry.folds.append(self.folder.fold_input(graph_module, sink, affine.s, shift, rule=THRESHOLD))
             graph_module.graph.erase_node(relu)
             graph_module.graph.erase_node(bn.node)
             entry.left_reason = None
             modified = True
-        if modified:
-            finish(graph_module)
+        finish(graph_module, modified)
         return PassResult(graph_module, modified)

@@ -1,0 +1,187 @@
+"""Canonicalize vs torch.fx's fuse: time, BatchNorms left, peak memory, inference latency.
+
+    python benchmarks/bench_canonicalize.py                      # the full table (slow on 2 cores)
+    python benchmarks/bench_canonicalize.py --models resnet18 --repeats 5 --no-write
+
+Prints a Markdown table and (unless --no-write) writes it to benchmarks/RESULTS.md, section
+"canonicalize", with the machine and versions. Alternatives, side by side in the same run:
+the unfused model, ``torch.fx.experimental.optimization.fuse``, fxcanon with and without explicit
+sums, and the lower bound: the same model with every BatchNorm replaced by identity (not
+equivalent to the model, only the speed a perfect fold can reach).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
+
+from fxcanon import FusedConv2d, canonicalize  # noqa: E402
+from fxcanon.passes import FOLD_PASSES  # noqa: E402
+from fxcanon.zoo import ZOO, build, count_batchnorms  # noqa: E402
+
+LATENCY_MODELS = ["resnet18", "resnet50", "vgg16_bn", "densenet121", "efficientnet_b0", "mobilenet_v2"]
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def without_batchnorm(model: nn.Module) -> nn.Module:
+    """The lower bound: every BatchNorm module replaced by identity."""
+    bound = copy.deepcopy(model)
+    for name, module in list(bound.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            parent, _, child = name.rpartition(".")
+            setattr(bound.get_submodule(parent) if parent else bound, child, nn.Identity())
+    return bound
+
+
+def peak_memory_mib(name: str, method: str) -> float:
+    """Peak resident memory added by one canonicalization (or fuse), in a fresh process.
+
+    The peak (VmHWM) is reset after the model is built (``/proc/self/clear_refs``), so the figure
+    is the high-water mark of the call minus the resident size before it.
+    """
+    code = f"""
+import re, torch
+from torch.fx.experimental.optimization import fuse
+from fxcanon import canonicalize
+from fxcanon.zoo import build
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+model = build({name!r})
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+out = canonicalize(model) if {method!r} == "fxcanon" else fuse(model)
+print((status("VmHWM") - before) / 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip())
+
+
+def canonicalize_row(name: str, repeats: int, size: int) -> dict[str, object]:
+    model = build(name)
+    x = torch.randn(1, 3, size, size)
+    row: dict[str, object] = {"model": name, "BN": count_batchnorms(torch.fx.symbolic_trace(model))}
+    row["fuse s"] = median_seconds(lambda: fuse(model), repeats, warmup=1)
+    row["fxcanon s"] = median_seconds(lambda: canonicalize(model), repeats, warmup=1)
+    row["fxcanon+inputs s"] = median_seconds(lambda: canonicalize(model, (x,)), repeats, warmup=1)
+    row["speedup vs fuse"] = row["fuse s"] / row["fxcanon s"]
+    row["BN left: fuse"] = count_batchnorms(torch.fx.symbolic_trace(fuse(model)))
+    row["BN left: fxcanon"] = count_batchnorms(canonicalize(model))
+    row["BN left: fxcanon+inputs"] = count_batchnorms(canonicalize(model, (x,)))
+    row["peak MiB: fuse"] = peak_memory_mib(name, "fuse")
+    row["peak MiB: fxcanon"] = peak_memory_mib(name, "fxcanon")
+    return row
+
+
+def latency_row(name: str, batch: int, size: int, repeats: int) -> dict[str, object]:
+    model = build(name)
+    x = torch.randn(batch, 3, size, size)
+    variants = {
+        "original": model,
+        "fx fuse": fuse(model),
+        "fxcanon": canonicalize(model, (x,), passes=FOLD_PASSES),
+        "fxcanon+sums": canonicalize(model, (x,)),
+        "no-BN bound": without_batchnorm(model),
+    }
+    row: dict[str, object] = {"model": name, "batch": batch}
+    with torch.inference_mode():
+        for label, variant in variants.items():
+            row[f"{label} ms"] = 1000 * median_seconds(lambda: variant(x), repeats)
+    row["fxcanon vs bound"] = row["fxcanon ms"] / row["no-BN bound ms"] - 1
+    return row
+
+
+def bias_map_row(size: int, repeats: int) -> dict[str, object]:
+    """A bias-map conv (BN -> zero-padded conv) against a plain conv of the same shape."""
+    bn_conv = nn.Sequential(nn.BatchNorm2d(64), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    with torch.no_grad():
+        bn_conv[0].bias.uniform_(-1, 1)
+    fused = canonicalize(bn_conv)
+    layer = next(m for m in fused.modules() if isinstance(m, FusedConv2d))
+    plain = nn.Conv2d(64, 64, 3, padding=1).eval()
+    x = torch.randn(1, 64, size, size)
+    with torch.inference_mode():
+        return {"layer": f"conv 64->64 3x3 pad 1, {size}x{size}",
+                "plain conv ms": 1000 * median_seconds(lambda: plain(x), repeats),
+                "bias-map conv (cached) ms": 1000 * median_seconds(lambda: layer(x), repeats),
+                "bias-map conv (uncached) ms": 1000 * median_seconds(
+                    lambda: (layer._bias_map_cache.clear(), layer(x)), repeats),
+                "BN + conv ms": 1000 * median_seconds(lambda: bn_conv(x), repeats)}
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    keys = list(rows[0])
+
+    def cell(key: str, value: object) -> str:
+        if "vs bound" in key:
+            return f"{value:+.1%}"
+        if "speedup" in key:
+            return f"{value:.1f}x"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=sorted(ZOO))
+    parser.add_argument("--latency-models", nargs="*", default=LATENCY_MODELS)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--json", type=Path, help="also dump the raw rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sections = []
+    rows = []
+    for i, name in enumerate(args.models, 1):
+        print(f"[canonicalize {i}/{len(args.models)}] {name}", file=sys.stderr, flush=True)
+        rows.append(canonicalize_row(name, max(3, args.repeats // 3), args.size))
+    sections.append(("Canonicalize time, BatchNorms left, peak extra memory "
+                     "(fxcanon without example inputs, as fuse; +inputs: with one 224x224 example)", rows))
+    latency = []
+    for name in args.latency_models:
+        for batch in (1, 8):
+            print(f"[latency] {name} batch {batch}", file=sys.stderr, flush=True)
+            latency.append(latency_row(name, batch, args.size, args.repeats))
+    if latency:
+        sections.append((f"Inference latency, CPU, {args.threads} threads, {args.size}x{args.size}, "
+                         f"median of {args.repeats}", latency))
+    sections.append(("Bias-map layer overhead (median, ms)", [bias_map_row(s, args.repeats) for s in (56, 112)]))
+    text = "\n\n".join(f"### {title}\n\n{markdown(r)}" for title, r in sections)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(sections, indent=2, default=str))
+    if not args.no_write:
+        write_section("canonicalize", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""``torch.compile(model, backend="fxcanon")``: the same folds inside Dynamo graphs, never stale.
+
+Dynamo hands a backend a graph whose parameters and buffers are *inputs* (one compiled graph
+serves every instance of a module class), with convolutions and BatchNorms as functional calls.
+The backend therefore folds on the graph itself: :class:`fxcanon.folders.GraphFolder` emits the
+fold math (scale, shift, fused weights, bias maps) as computations of those inputs, so the
+result is right for whatever weights arrive, after ``load_state_dict`` or in-place updates too.
+Bias maps are computed from the input's runtime size. Training-mode BatchNorms are untouched.
+
+``options={"inner": "eager" | "inductor" | callable}`` picks what compiles the rewritten graph
+(default eager); inductor with ``torch._inductor.config.freezing`` constant-folds the fold math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from .affine import VALUE_KEY
+from .canonicalize import run_passes
+from .folders import GraphFolder
+from .passes import FoldBatchNormBackward, FoldBatchNormForward, FoldBatchNormThroughReLU
+from .report import REPORT_KEY, Report
+
+
+def _record_shapes(gm: GraphModule) -> None:
+    """``tensor_meta`` (and small values) from the example values Dynamo recorded on each node."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor):
+            if all(isinstance(d, int) for d in value.shape):
+                node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            node.meta[VALUE_KEY] = value
+
+
+def fold_graph(gm: GraphModule) -> GraphModule:
+    """Rewrite a Dynamo graph in place: every eval-mode BatchNorm folded as graph computations."""
+    _record_shapes(gm)
+    report, folder = Report(), GraphFolder()
+    passes = [p(report, folder=folder) for p in (FoldBatchNormForward, FoldBatchNormBackward,
+                                                  FoldBatchNormThroughReLU)]
+    gm = run_passes(gm, passes)
+    gm.meta[REPORT_KEY] = report
+    return gm
+
+
+def fxcanon_backend(gm: GraphModule, example_inputs: Sequence[Any],
+                    options: dict[str, Any] | None = None, **_: Any) -> Callable[..., Any]:
+    """The ``torch.compile`` backend: fold, then compile with ``options["inner"]``."""
+    inner = (options or {}).get("inner", "eager")
+    folded = fold_graph(gm)
+    if inner == "eager":
+        return folded.forward
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(folded, list(example_inputs))
+    if callable(inner):
+        return inner(folded, example_inputs)
+    raise ValueError(f"options['inner'] must be 'eager', 'inductor' or a callable, not {inner!r}")
+
+
+def register() -> None:
+    """Make ``backend="fxcanon"`` known to Dynamo when no installed entry point provides it."""
+    from importlib.metadata import entry_points
+
+    if "fxcanon" in entry_points(group="torch_dynamo_backends").names:
+        return
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "fxcanon" not in _COMPILER_FNS:
+        register_backend(compiler_fn=fxcanon_backend, name="fxcanon")

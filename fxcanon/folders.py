@@ -1,0 +1,164 @@
+"""How a planned fold is written into the graph: two strategies behind one interface.
+
+The passes decide *what* to fold (analysis in ``fxcanon.affine``); a folder decides *how*:
+
+* :class:`ModuleFolder` (``canonicalize``) computes fused tensors now, from the constants the
+  graph holds, and installs fused layer modules (``fxcanon.modules``);
+* :class:`GraphFolder` (the ``torch.compile`` backend) emits the same fold math as graph
+  computations of the parameters the graph receives as inputs, so whatever weights arrive at run
+  time are folded: no stale constants across instances, ``load_state_dict`` or in-place updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule, Node
+
+from .affine import ForwardFold, Sink
+from .fold_math import batchnorm_affine, fold_into_output, fused_input, fused_output, relu_factorization
+from .modules import ThresholdReLU, conv_bias_map, threshold_relu
+from .report import Fold, fold_record
+from .rewrite import build_layer, fold_sink, fresh_name, install_layer, layer_tensors
+from .views import _LINEAR_FUNCTIONS, BatchNormView, LinearView, check_batchnorm
+
+
+@dataclasses.dataclass
+class Affine:
+    """A BatchNorm's ``(s, t)``: float64 tensors (module folder) or graph nodes (graph folder).
+
+    ``scale`` is the numeric ``s`` when known at rewrite time (None in graphs), for the analysis.
+    """
+
+    s: Any
+    t: Any
+    scale: Tensor | None
+
+
+class ModuleFolder:
+    """Fold the values the graph holds now into new fused modules."""
+
+    graph_params = False
+
+    def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | str:
+        """The BatchNorm's affine map, or why it stays (raises for bad statistics and training mode)."""
+        reason = check_batchnorm(bn, allow_training)
+        if reason is not None:
+            return reason
+        s, t = batchnorm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        return Affine(s, t, s)
+
+    def supports(self, view: LinearView) -> bool:
+        return True
+
+    def fold_output(self, gm: GraphModule, plan: ForwardFold, affine: Affine) -> Node:
+        producer = plan.producer
+        tensors = fold_into_output(layer_tensors(producer), affine.s, affine.t, transposed=producer.transposed,
+                                   groups=producer.groups)
+        return install_layer(gm, producer, build_layer(producer, tensors, producer.input_pad))
+
+    def fold_input(self, gm: GraphModule, sink: Sink, s: Any, t: Any, rule: str | None = None) -> Fold:
+        return fold_sink(gm, sink, s, t, rule)
+
+    def threshold(self, gm: GraphModule, bn: BatchNormView, relu: Node, affine: Affine) -> tuple[Node, Any]:
+        theta, sign, shift = relu_factorization(affine.s, affine.t)
+        name = fresh_name(gm, f"{relu.name}_threshold")
+        gm.add_submodule(name, ThresholdReLU(theta.to(bn.running_mean), sign.to(bn.running_mean)))
+        with gm.graph.inserting_before(relu):
+            node = gm.graph.call_module(name, (bn.input,))
+        return node, shift
+
+
+class GraphFolder:
+    """Emit folds as computations of the parameter nodes (functional layers only)."""
+
+    graph_params = True
+
+    def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | str:
+        if bn.training:
+            return "training mode: left for the training graph"
+        if bn.running_mean is None or bn.running_var is None:
+            return "track_running_stats=False: normalizes with batch statistics even in eval mode"
+        if bn.node.op != "call_function":
+            return "module call: parameters are not graph inputs"
+        args = [bn.args.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
+        with gm.graph.inserting_before(_last_placeholder_or_attr(gm, args).next):
+            st = gm.graph.call_function(batchnorm_affine, (*args, bn.eps))
+            s = gm.graph.call_function(operator.getitem, (st, 0))
+            t = gm.graph.call_function(operator.getitem, (st, 1))
+        return Affine(s, t, None)
+
+    def supports(self, view: LinearView) -> bool:
+        return view.module is None and not view.input_pad
+
+    def fold_output(self, gm: GraphModule, plan: ForwardFold, affine: Affine) -> Node:
+        view = plan.producer
+        with gm.graph.inserting_before(view.node):
+            fused = gm.graph.call_function(fused_output, (view.args.get("weight"), view.args.get("bias"),
+                                                          affine.s, affine.t),
+                                           {"transposed": view.transposed, "groups": view.groups})
+        _set_parameters(gm, view, fused)
+        return view.node
+
+    def fold_input(self, gm: GraphModule, sink: Sink, s: Any, t: Any, rule: str | None = None) -> Fold:
+        view = sink.view
+        vector = not (view.transposed or view.zero_padded)
+        graph = gm.graph
+        with graph.inserting_before(view.node):
+            fused = graph.call_function(fused_input, (view.args.get("weight"), view.args.get("bias"), s, t),
+                                        {"channel_map": tuple(sink.channel_map.tolist()),
+                                         "transposed": view.transposed, "groups": view.groups,
+                                         "vector_bias": vector})
+        _set_parameters(gm, view, fused)
+        if not vector:
+            with graph.inserting_before(view.node.next):
+                kernel = graph.call_function(operator.getitem, (fused, 2))
+                bias_map = graph.call_function(conv_bias_map, (view.node.args[0], kernel), {
+                    "spatial_dims": view.spatial_dims, "transposed": view.transposed, "stride": view.stride,
+                    "padding": view.padding, "dilation": view.dilation, "groups": view.groups,
+                    "output_padding": view.output_padding})
+                total = graph.call_function(operator.add, (view.node, bias_map))
+            view.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+        return fold_record(view.node.name, sink, vector, rule)
+
+    def threshold(self, gm: GraphModule, bn: BatchNormView, relu: Node, affine: Affine) -> tuple[Node, Any]:
+        graph = gm.graph
+        with graph.inserting_before(relu):
+            factors = graph.call_function(relu_factorization, (affine.s, affine.t))
+            theta, sign, shift = (graph.call_function(operator.getitem, (factors, i)) for i in range(3))
+            node = graph.call_function(threshold_relu, (bn.input, theta, sign))
+        return node, shift
+
+
+def _last_placeholder_or_attr(gm: GraphModule, args: list[Any]) -> Node:
+    """A node after which ``args`` are all defined: the last placeholder, with get_attr args moved up."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else next(iter(gm.graph.nodes))
+    for arg in args:
+        if isinstance(arg, Node) and arg.op == "get_attr":
+            anchor.append(arg)
+            anchor = arg
+    return anchor
+
+
+def _set_parameters(gm: GraphModule, view: LinearView, fused: Node) -> None:
+    """Make the functional call ``view.node`` take weight and bias from ``fused`` (a tuple node)."""
+    with gm.graph.inserting_before(fused.next):
+        weight = gm.graph.call_function(operator.getitem, (fused, 0))
+        bias = gm.graph.call_function(operator.getitem, (fused, 1))
+    for new, old in ((weight, view.args.get("weight")), (bias, view.args.get("bias"))):
+        if isinstance(old, Node) and "tensor_meta" in old.meta:
+            new.meta["tensor_meta"] = old.meta["tensor_meta"]
+    if "tensor_meta" not in bias.meta and "tensor_meta" in weight.meta:
+        meta = weight.meta["tensor_meta"]
+        bias.meta["tensor_meta"] = meta._replace(shape=torch.Size([view.out_channels]))
+    names = _LINEAR_FUNCTIONS[view.node.target][0]
+    values = {"input": view.node.args[0] if view.node.args else view.node.kwargs["input"], "weight": weight,
+              "bias": bias, "stride": view.stride, "padding": view.padding, "dilation": view.dilation,
+              "groups": view.groups, "output_padding": view.output_padding}
+    view.node.args = tuple(values[name] for name in names)
+    view.node.kwargs = {}

@@ -1,0 +1,129 @@
+"""torch.compile(model, backend="fxcanon"): folds inside Dynamo graphs, never stale."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcanon  # noqa: F401  (registers the backend; the entry point does it without the import)
+from fxcanon.equivalence import randomize_batchnorms, relative_error
+from fxcanon.zoo import build
+
+BATCH_NORMS = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
+
+
+class Recorder:
+    """An inner compiler that keeps the graphs it is given and runs them eagerly."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def batchnorms(self):
+        return [n for g in self.graphs for n in g.graph.nodes if n.target in BATCH_NORMS]
+
+
+def compiled(model, recorder=None, inner="eager"):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="fxcanon", options={"inner": recorder or inner})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "efficientnet_b0"])
+def test_no_batchnorm_reaches_the_inner_compiler(name):
+    model = build(name)
+    recorder = Recorder()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y32 = compiled(model, recorder)(x)
+        expected = model.double()(x.double())
+        base = relative_error(model.float()(x), expected)
+        y64 = compiled(model.double(), Recorder())(x.double())
+    assert recorder.graphs and not recorder.batchnorms()
+    assert relative_error(y64, expected) < 1e-10
+    assert relative_error(y32, expected) <= 2 * base + 8 * torch.finfo(torch.float32).eps
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.bn2, self.conv2 = nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.bn2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def block(seed):
+    torch.manual_seed(seed)
+    return randomize_batchnorms(Block(), seed).eval()
+
+
+def test_two_instances_share_one_compiled_graph_and_both_are_right():
+    a, b = block(1), block(2)
+    recorder = Recorder()
+    torch._dynamo.reset()
+    ca = torch.compile(a, backend="fxcanon", options={"inner": recorder})
+    cb = torch.compile(b, backend="fxcanon", options={"inner": recorder})
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert relative_error(ca(x), a(x)) < 1e-5
+        assert relative_error(cb(x), b(x)) < 1e-5
+    assert len(recorder.graphs) == 1 and not recorder.batchnorms()
+
+
+def test_load_state_dict_after_compilation_is_seen():
+    model = block(1)
+    fast = compiled(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        fast(x)
+        model.load_state_dict(block(7).state_dict())
+        model.bn2.running_var.mul_(3.0)  # and an in-place update
+        assert relative_error(fast(x), model(x)) < 1e-5
+
+
+def test_training_graph_is_untouched():
+    model = block(1).train()
+    recorder = Recorder()
+    x = torch.randn(4, 3, 6, 6)
+    reference = block(1).train()
+    y = compiled(model, recorder)(x)
+    assert len(recorder.batchnorms()) == 2
+    torch.testing.assert_close(y, reference(x))
+    torch.testing.assert_close(model.bn1.running_mean, reference.bn1.running_mean)
+
+
+def test_bias_map_follows_the_input_size():
+    model = block(3).double()
+    fast = compiled(model)
+    with torch.no_grad():
+        for size in ((5, 7), (9, 4), (1, 1)):
+            x = torch.randn(2, 3, *size, dtype=torch.float64)
+            assert relative_error(fast(x), model(x)) < 1e-12
+
+
+def test_inductor_inner_compiler():
+    model = block(4)
+    fast = compiled(model, inner="inductor")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert relative_error(fast(x), model(x)) < 1e-5
+
+
+def test_backend_name_works_without_importing_fxcanon():
+    code = textwrap.dedent("""
+        import sys, torch
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+        x = torch.randn(1, 3, 5, 5)
+        y = torch.compile(model, backend="fxcanon")(x)
+        torch.testing.assert_close(y, model(x))
+        assert "fxcanon.backend" in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
