@@ -9,6 +9,9 @@ Bias maps are computed from the input's runtime size. Training-mode BatchNorms a
 
 ``options={"inner": "eager" | "inductor" | callable}`` picks what compiles the rewritten graph
 (default eager); inductor with ``torch._inductor.config.freezing`` constant-folds the fold math.
+With the eager inner compiler the fold computations are memoized on the parameters' identity
+and version counters (``options={"cache": False}`` turns that off): in-place updates and
+``load_state_dict`` are seen; edits through ``tensor.data``, which bypass version counters, are not.
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ def _record_shapes(gm: GraphModule) -> None:
             node.meta[VALUE_KEY] = value
 
 
-def fold_graph(gm: GraphModule) -> GraphModule:
-    """Rewrite a Dynamo graph in place: every eval-mode BatchNorm folded as graph computations."""
+def fold_graph(gm: GraphModule, cache: bool = False) -> GraphModule:
+    """Rewrite a Dynamo graph in place: every eval-mode BatchNorm folded as graph computations.
+
+    ``cache``: memoize the fold computations on their parameters' versions (for eager execution).
+    """
     _record_shapes(gm)
-    report, folder = Report(), GraphFolder()
+    report, folder = Report(), GraphFolder(cache)
     passes = [p(report, folder=folder) for p in (FoldBatchNormForward, FoldBatchNormBackward,
                                                   FoldBatchNormThroughReLU)]
     gm = run_passes(gm, passes)
@@ -52,8 +58,9 @@ def fold_graph(gm: GraphModule) -> GraphModule:
 def fxcanon_backend(gm: GraphModule, example_inputs: Sequence[Any],
                     options: dict[str, Any] | None = None, **_: Any) -> Callable[..., Any]:
     """The ``torch.compile`` backend: fold, then compile with ``options["inner"]``."""
-    inner = (options or {}).get("inner", "eager")
-    folded = fold_graph(gm)
+    options = options or {}
+    inner = options.get("inner", "eager")
+    folded = fold_graph(gm, cache=options.get("cache", inner == "eager"))
     if inner == "eager":
         return folded.forward
     if inner == "inductor":

@@ -12,6 +12,7 @@ The passes decide *what* to fold (analysis in ``fxcanon.affine``); a folder deci
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from typing import Any
 
@@ -73,10 +74,52 @@ class ModuleFolder:
         return node, shift
 
 
+class CachedFold:
+    """A fold function memoized on the identity and version counter of its tensor arguments.
+
+    For graphs that run eagerly: the fused tensors are recomputed only when a parameter is a new
+    tensor or was changed in place (``load_state_dict`` copies in place, so its version moves).
+    Arguments in ``shape_args`` are keyed on shape, dtype and device only (a bias map depends on
+    the input's size, not its values). Not cached while gradients are recorded for an argument.
+    """
+
+    def __init__(self, fn: Any, shape_args: tuple[int, ...] = (), size: int = 4) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn, self.shape_args, self.size = fn, shape_args, size
+        self.store: dict[tuple[Any, ...], Any] = {}
+
+    def _key(self, index: int, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        if index in self.shape_args:
+            return (tuple(value.shape), value.dtype, value.device)
+        return (id(value), value._version, value.data_ptr())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return self.fn(*args, **kwargs)
+        key = tuple(self._key(i, a) for i, a in enumerate(args))
+        if key not in self.store:
+            if len(self.store) >= self.size:
+                self.store.pop(next(iter(self.store)))
+            self.store[key] = self.fn(*args, **kwargs)
+        return self.store[key]
+
+
 class GraphFolder:
-    """Emit folds as computations of the parameter nodes (functional layers only)."""
+    """Emit folds as computations of the parameter nodes (functional layers only).
+
+    With ``cache`` (for graphs run eagerly) each emitted fold is a :class:`CachedFold`; compilers
+    such as inductor get the plain functions to trace (and constant-fold under freezing).
+    """
 
     graph_params = True
+
+    def __init__(self, cache: bool = False) -> None:
+        self.cache = cache
+
+    def _fn(self, fn: Any, shape_args: tuple[int, ...] = ()) -> Any:
+        return CachedFold(fn, shape_args) if self.cache else fn
 
     def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | str:
         if bn.training:
@@ -87,7 +130,7 @@ class GraphFolder:
             return "module call: parameters are not graph inputs"
         args = [bn.args.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
         with gm.graph.inserting_before(_last_placeholder_or_attr(gm, args).next):
-            st = gm.graph.call_function(batchnorm_affine, (*args, bn.eps))
+            st = gm.graph.call_function(self._fn(batchnorm_affine), (*args, bn.eps))
             s = gm.graph.call_function(operator.getitem, (st, 0))
             t = gm.graph.call_function(operator.getitem, (st, 1))
         return Affine(s, t, None)
@@ -98,7 +141,7 @@ class GraphFolder:
     def fold_output(self, gm: GraphModule, plan: ForwardFold, affine: Affine) -> Node:
         view = plan.producer
         with gm.graph.inserting_before(view.node):
-            fused = gm.graph.call_function(fused_output, (view.args.get("weight"), view.args.get("bias"),
+            fused = gm.graph.call_function(self._fn(fused_output), (view.args.get("weight"), view.args.get("bias"),
                                                           affine.s, affine.t),
                                            {"transposed": view.transposed, "groups": view.groups})
         _set_parameters(gm, view, fused)
@@ -109,7 +152,7 @@ class GraphFolder:
         vector = not (view.transposed or view.zero_padded)
         graph = gm.graph
         with graph.inserting_before(view.node):
-            fused = graph.call_function(fused_input, (view.args.get("weight"), view.args.get("bias"), s, t),
+            fused = graph.call_function(self._fn(fused_input), (view.args.get("weight"), view.args.get("bias"), s, t),
                                         {"channel_map": tuple(sink.channel_map.tolist()),
                                          "transposed": view.transposed, "groups": view.groups,
                                          "vector_bias": vector})
@@ -117,7 +160,7 @@ class GraphFolder:
         if not vector:
             with graph.inserting_before(view.node.next):
                 kernel = graph.call_function(operator.getitem, (fused, 2))
-                bias_map = graph.call_function(conv_bias_map, (view.node.args[0], kernel), {
+                bias_map = graph.call_function(self._fn(conv_bias_map, shape_args=(0,)), (view.node.args[0], kernel), {
                     "spatial_dims": view.spatial_dims, "transposed": view.transposed, "stride": view.stride,
                     "padding": view.padding, "dilation": view.dilation, "groups": view.groups,
                     "output_padding": view.output_padding})
@@ -128,7 +171,7 @@ class GraphFolder:
     def threshold(self, gm: GraphModule, bn: BatchNormView, relu: Node, affine: Affine) -> tuple[Node, Any]:
         graph = gm.graph
         with graph.inserting_before(relu):
-            factors = graph.call_function(relu_factorization, (affine.s, affine.t))
+            factors = graph.call_function(self._fn(relu_factorization), (affine.s, affine.t))
             theta, sign, shift = (graph.call_function(operator.getitem, (factors, i)) for i in range(3))
             node = graph.call_function(threshold_relu, (bn.input, theta, sign))
         return node, shift

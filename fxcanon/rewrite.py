@@ -130,9 +130,12 @@ def finish(gm: GraphModule, modified: bool) -> None:
     Only nodes the passes orphaned go: a general dead-code sweep would also drop in-place
     calls whose results are unused.
     """
+    def emitted(node: Node) -> bool:
+        return node.op == "call_function" and getattr(node.target, "__wrapped__", node.target) in _OWN_FUNCTIONS
+
     for node in reversed(list(gm.graph.nodes)):
-        if not node.users and (node.op == "get_attr" or node.target in _OWN_FUNCTIONS
-                               or (node.target is operator.getitem and node.args[0].target in _OWN_FUNCTIONS)):
+        if not node.users and (node.op == "get_attr" or emitted(node)
+                               or (node.target is operator.getitem and emitted(node.args[0]))):
             gm.graph.erase_node(node)
     if not modified:
         return

@@ -85,7 +85,10 @@ def test_load_state_dict_after_compilation_is_seen():
     with torch.no_grad():
         fast(x)
         model.load_state_dict(block(7).state_dict())
-        model.bn2.running_var.mul_(3.0)  # and an in-place update
+        model.bn2.running_var.mul_(3.0)  # and in-place updates
+        assert relative_error(fast(x), model(x)) < 1e-5
+        model.conv1.weight.mul_(-2.0)
+        fast(x)
         assert relative_error(fast(x), model(x)) < 1e-5
 
 

@@ -1,0 +1,82 @@
+"""torch.compile with backend="fxcanon" against eager and the default inductor backend.
+
+    python benchmarks/bench_backend.py [--models resnet50 densenet121] [--repeats 10] [--no-write]
+
+CPU, fixed thread count, batch 1 and 8; compile time is the first call's time minus a plain
+eager call. Writes the table to benchmarks/RESULTS.md, section "backend".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor.config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
+
+import fxcanon  # noqa: E402,F401  (registers the backend)
+from fxcanon.zoo import build  # noqa: E402
+
+VARIANTS = {
+    "eager": None,
+    "fxcanon (inner eager)": dict(backend="fxcanon"),
+    "inductor": dict(backend="inductor"),
+    "fxcanon + inductor": dict(backend="fxcanon", options={"inner": "inductor"}),
+    "inductor, freezing": dict(backend="inductor", freezing=True),
+    "fxcanon + inductor, freezing": dict(backend="fxcanon", options={"inner": "inductor"}, freezing=True),
+}
+
+
+def measure(model, x, spec, repeats):
+    torch._dynamo.reset()
+    spec = dict(spec or {})
+    torch._inductor.config.freezing = spec.pop("freezing", False)
+    fn = torch.compile(model, **spec) if spec else model
+    with torch.inference_mode():
+        start = time.perf_counter()
+        fn(x)
+        first = time.perf_counter() - start
+        fn(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["resnet50", "densenet121"])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = ["| model | batch | variant | latency ms | compile s |", "|---|---|---|---|---|"]
+    for name in args.models:
+        model = build(name)
+        for batch in (1, 8):
+            x = torch.randn(batch, 3, args.size, args.size)
+            eager_first, _ = measure(model, x, None, 1)
+            for label, spec in VARIANTS.items():
+                print(f"[backend] {name} batch {batch} {label}", file=sys.stderr, flush=True)
+                first, latency = measure(model, x, spec, args.repeats)
+                compile_s = "-" if spec is None else f"{max(0.0, first - latency):.1f}"
+                lines.append(f"| {name} | {batch} | {label} | {1000 * latency:.1f} | {compile_s} |")
+    text = (f"### torch.compile backends, CPU, {args.threads} threads, {args.size}x{args.size}, "
+            f"median of {args.repeats}\n\n" + "\n".join(lines))
+    print(text)
+    if not args.no_write:
+        write_section("backend", text)
+
+
+if __name__ == "__main__":
+    main()
