@@ -80,7 +80,8 @@ class CachedFold:
     For graphs that run eagerly: the fused tensors are recomputed only when a parameter is a new
     tensor or was changed in place (``load_state_dict`` copies in place, so its version moves).
     Arguments in ``shape_args`` are keyed on shape, dtype and device only (a bias map depends on
-    the input's size, not its values). Not cached while gradients are recorded for an argument.
+    the input's size, not its values). Not cached while gradients are recorded for an argument;
+    results computed under ``torch.inference_mode`` are reused only there.
     """
 
     def __init__(self, fn: Any, shape_args: tuple[int, ...] = (), size: int = 4) -> None:
@@ -93,12 +94,14 @@ class CachedFold:
             return value
         if index in self.shape_args:
             return (tuple(value.shape), value.dtype, value.device)
+        if value.is_inference():  # no version counter; fold outputs reused from this cache are never edited
+            return (id(value), value.data_ptr())
         return (id(value), value._version, value.data_ptr())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return self.fn(*args, **kwargs)
-        key = tuple(self._key(i, a) for i, a in enumerate(args))
+        key = (torch.is_inference_mode_enabled(), *(self._key(i, a) for i, a in enumerate(args)))
         if key not in self.store:
             if len(self.store) >= self.size:
                 self.store.pop(next(iter(self.store)))

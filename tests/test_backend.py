@@ -92,6 +92,20 @@ def test_load_state_dict_after_compilation_is_seen():
         assert relative_error(fast(x), model(x)) < 1e-5
 
 
+def test_cached_folds_under_inference_mode_and_autograd():
+    model = block(5)
+    fast = compiled(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.inference_mode():
+        fast(x)
+        assert relative_error(fast(x), model(x)) < 1e-5
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x.requires_grad_(True)
+    fast(x).sum().backward()  # cached fold outputs feed an autograd graph
+    assert x.grad is not None
+
+
 def test_training_graph_is_untouched():
     model = block(1).train()
     recorder = Recorder()
