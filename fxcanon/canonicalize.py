@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule, symbolic_trace
+from torch.fx import GraphModule, Tracer
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import modules
 from .affine import VALUE_KEY
 from .errors import CanonizationError
 from .passes import DEFAULT_PASSES, CanonizationPass
@@ -47,12 +48,22 @@ class _ShapeRecorder(ShapeProp):
         return result
 
 
+class _Tracer(Tracer):
+    """torch.fx's tracer, keeping fxcanon's own modules (fused layers, Sum, Gate...) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m).__module__ == modules.__name__ or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module) -> GraphModule:
-    """``symbolic_trace(model)``, with a CanonizationError that says what to do if it fails."""
+    """``symbolic_trace(model)`` (fxcanon's modules stay leaves), with a CanonizationError that
+    says what to do if it fails."""
     if isinstance(model, GraphModule):
         return model
     try:
-        return symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:
         raise CanonizationError(
             f"could not trace {type(model).__name__} with torch.fx.symbolic_trace ({type(error).__name__}: "

@@ -3,6 +3,7 @@
     python -m fxcanon resnet50                 # torchvision model, random weights, no download
     python -m fxcanon resnet18 densenet121 --size 128 --json
     python -m fxcanon mypackage.models:build   # your own model factory
+    python -m fxcanon explain resnet18 --composite epsilon_plus --out fig.png   # heatmaps (fxcanon[xai])
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["explain"]:
+        from .explain import main as explain
+
+        return explain(argv[1:])
     parser = argparse.ArgumentParser(prog="fxcanon", description="Canonize models: fold every BatchNorm exactly.")
     parser.add_argument("models", nargs="+", help="torchvision model names, or package.module:callable")
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")

@@ -177,6 +177,14 @@ class Sum(nn.Module):
         return stacked.sum(dim=-1)
 
 
+class Gate(nn.Module):
+    """A multiplicative gate ``signal * gate`` (squeeze-excitation's ``scale * x``) as a module,
+    so that LRP composites can send the relevance to the signal and none to the gate."""
+
+    def forward(self, signal: Tensor, gate: Tensor) -> Tensor:
+        return signal * gate
+
+
 class FusedLinear(nn.Linear):
     """An ``nn.Linear`` whose weight and bias absorbed one or more BatchNorms."""
 

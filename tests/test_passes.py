@@ -33,9 +33,10 @@ def assert_same(model, gm, *inputs, tol=1e-12):
         assert relative_error(gm(*inputs), model(*inputs)) <= tol
 
 
-def test_default_order_is_forward_backward_threshold_sums():
+def test_default_order_is_folds_then_explicit_modules():
     assert [p.__name__ for p in DEFAULT_PASSES] == [
-        "FoldBatchNormForward", "FoldBatchNormBackward", "FoldBatchNormThroughReLU", "ExplicitSums"]
+        "FoldBatchNormForward", "FoldBatchNormBackward", "FoldBatchNormThroughReLU", "ExplicitSums",
+        "ExplicitGates"]
 
 
 def test_forward_pass_alone_folds_conv_bn():

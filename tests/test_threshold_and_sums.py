@@ -116,3 +116,22 @@ def test_broadcasting_sum_keeps_its_shape():
     inputs = (torch.randn(2, 3, 4), torch.randn(3, 1))
     gm = canonicalize(Net(), inputs, passes=[ExplicitSums])
     assert torch.equal(gm(*inputs), Net()(*inputs))
+
+
+def test_sum_reductions_become_sum_modules():
+    class Pool(nn.Module):
+        def forward(self, x):
+            return x.relu().sum(1) * torch.sum(x, dim=2, keepdim=True).sum((1, 2)).unsqueeze(1)
+
+    x = torch.randn(2, 3, 4)
+    gm = canonicalize(Pool(), (x,), passes=[ExplicitSums])
+    assert sum(isinstance(m, Sum) for m in gm.modules()) == 1  # keepdim and several dims stay
+    torch.testing.assert_close(gm(x), Pool()(x))
+
+
+def test_models_holding_fxcanon_modules_trace_them_as_leaves():
+    inner = canonicalize(randomize_batchnorms(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1))).eval())
+    outer = nn.Sequential(inner, nn.ReLU())
+    gm = canonicalize(outer)
+    x = torch.randn(1, 3, 5, 5)
+    assert relative_error(gm(x), outer(x)) < 1e-6

@@ -1,6 +1,7 @@
 """The canonization passes, each a ``torch.fx.passes.infra`` pass, and their default order."""
 
 from ._base import CanonizationPass
+from .explicit_gates import ExplicitGates
 from .explicit_sums import ExplicitSums
 from .fold_backward import FoldBatchNormBackward
 from .fold_forward import FoldBatchNormForward
@@ -8,12 +9,12 @@ from .fold_threshold import FoldBatchNormThroughReLU
 
 # Forward folds first: they never need a bias map; the threshold activation only where neither applies.
 DEFAULT_PASSES: tuple[type[CanonizationPass], ...] = (
-    FoldBatchNormForward, FoldBatchNormBackward, FoldBatchNormThroughReLU, ExplicitSums,
+    FoldBatchNormForward, FoldBatchNormBackward, FoldBatchNormThroughReLU, ExplicitSums, ExplicitGates,
 )
-# The same folds without explicit sums: for inference.
-FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:-1]
+# The same folds without explicit sums and gates: for inference.
+FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:3]
 
 __all__ = [
-    "DEFAULT_PASSES", "FOLD_PASSES", "CanonizationPass", "ExplicitSums", "FoldBatchNormBackward", "FoldBatchNormForward",
+    "DEFAULT_PASSES", "FOLD_PASSES", "CanonizationPass", "ExplicitGates", "ExplicitSums", "FoldBatchNormBackward", "FoldBatchNormForward",
     "FoldBatchNormThroughReLU",
 ]

@@ -61,28 +61,51 @@ def _summands(node: Node) -> tuple[Node, Node] | None:
     return None
 
 
-class ExplicitSums(CanonizationPass):
-    """``a + b`` -> ``Sum()(torch.stack(torch.broadcast_tensors(a, b), -1))`` for computed tensors.
+def _reduced(node: Node) -> tuple[Node, int] | None:
+    """``(x, dim)`` for ``x.sum(dim)`` / ``torch.sum(x, dim)`` over one dimension, else None."""
+    if not ((node.op == "call_method" and node.target == "sum") or
+            (node.op == "call_function" and node.target is torch.sum)):
+        return None
+    args = dict(zip(("input", "dim", "keepdim"), node.args))
+    args.update(node.kwargs)
+    dim = args.get("dim")
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or args.get("keepdim", False) or set(args) - {"input", "dim", "keepdim"} \
+            or not _is_computed_tensor(args["input"]):
+        return None
+    return args["input"], dim
 
-    The function is unchanged (the stacked values are summed in the same order). Only additions
-    of two tensors computed by the graph are rewritten: ``x + 1``, bias additions of parameters and
-    size arithmetic stay. Switch it off (leave it out of ``passes``) for inference.
+
+class ExplicitSums(CanonizationPass):
+    """Sums as explicit ``Sum`` modules (summing over the last dimension), function unchanged:
+
+    * ``a + b`` of two tensors computed by the graph -> ``Sum()(torch.stack([a, b], -1))``
+      (with ``torch.broadcast_tensors`` first unless both shapes are known to be equal); ``x + 1``,
+      additions of parameters and size arithmetic stay;
+    * ``x.sum(dim)`` over one dimension (sum pooling, e.g. a Relation Network's sum over pairs)
+      -> ``Sum()(x.movedim(dim, -1))``.
+
+    LRP composites give ``Sum`` the norm rule. Switch it off (leave it out of ``passes``) for inference.
     """
 
     def call(self, graph_module: GraphModule) -> PassResult:
         graph = graph_module.graph
         modified = False
         for node in list(graph.nodes):
-            summands = _summands(node)
-            if summands is None:
+            summands, reduced = _summands(node), _reduced(node)
+            if summands is None and reduced is None:
                 continue
             name = fresh_name(graph_module, f"{node.name}_sum")
             graph_module.add_submodule(name, Sum())
             with graph.inserting_before(node):
-                shapes = [arg.meta.get("tensor_meta") for arg in summands]
-                same = all(hasattr(m, "shape") for m in shapes) and shapes[0].shape == shapes[1].shape
-                values = summands if same else graph.call_function(torch.broadcast_tensors, summands)
-                stacked = graph.call_function(torch.stack, (values if not same else list(values), -1))
+                if reduced is not None:
+                    stacked = graph.call_method("movedim", (reduced[0], reduced[1], -1))
+                else:
+                    shapes = [arg.meta.get("tensor_meta") for arg in summands]
+                    same = all(hasattr(m, "shape") for m in shapes) and shapes[0].shape == shapes[1].shape
+                    values = list(summands) if same else graph.call_function(torch.broadcast_tensors, summands)
+                    stacked = graph.call_function(torch.stack, (values, -1))
                 total = graph.call_module(name, (stacked,))
             total.meta = dict(node.meta)
             node.replace_all_uses_with(total)

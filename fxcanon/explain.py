@@ -1,0 +1,92 @@
+"""``fxcanon explain``: heatmaps without and with canonization, side by side (Figures A.2-A.10).
+
+    python -m fxcanon explain resnet18 --composite epsilon_plus --composite eb --out fig.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from .zoo import build
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_image(path: str | None, size: int) -> tuple[Image.Image, Tensor]:
+    """The image (a sample photograph shipped with scikit-image when ``path`` is None), center-cropped
+    and resized to ``size``, and its ImageNet-normalized tensor of shape (1, 3, size, size)."""
+    if path is None:
+        from skimage import data
+
+        image = Image.fromarray(data.chelsea())
+    else:
+        image = Image.open(path).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    normalized = (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return image, normalized.unsqueeze(0)
+
+
+def heatmap(relevance: Tensor) -> Image.Image:
+    """Relevance summed over channels: red positive, blue negative, white zero (symmetric scale)."""
+    r = relevance.sum(1)[0].detach().double().cpu()
+    r = (r / r.abs().max().clamp(min=1e-30)).clamp(-1, 1)
+    rgb = torch.stack([1 - r.clamp(max=0).abs(), 1 - r.abs(), 1 - r.clamp(min=0)], dim=-1)
+    return Image.fromarray((rgb.numpy() * 255).round().astype(np.uint8))
+
+
+def render(rows: list[tuple[str, Image.Image, Image.Image]], image: Image.Image, title: str) -> Image.Image:
+    """Rows of (composite, heatmap without, heatmap with canonization) after the input image."""
+    size, pad, header = image.width, 8, 34
+    width = 3 * size + 4 * pad
+    canvas = Image.new("RGB", (width, header + len(rows) * (size + header)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 8), title, fill="black")
+    for i, (name, without, with_) in enumerate(rows):
+        y = header + i * (size + header)
+        for j, (label, tile) in enumerate((("input", image), (f"{name}: not canonized", without),
+                                           (f"{name}: canonized", with_))):
+            x = pad + j * (size + pad)
+            draw.text((x, y + 6), label, fill="black")
+            canvas.paste(tile.resize((size, size), Image.NEAREST), (x, y + header - 10))
+    return canvas
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .xai import COMPOSITES, attribute
+
+    parser = argparse.ArgumentParser(prog="fxcanon explain",
+                                     description="LRP heatmaps without and with canonization.")
+    parser.add_argument("model", help="torchvision model name (random weights unless --weights)")
+    parser.add_argument("--image", help="image path (default: a sample photograph from scikit-image)")
+    parser.add_argument("--composite", action="append", choices=[c for c in COMPOSITES if c != "rn_custom"],
+                        help="repeat for one row per composite (default: epsilon_plus)")
+    parser.add_argument("--weights", type=Path, help="state dict to load (torch.load with weights_only=True)")
+    parser.add_argument("--target", type=int, help="class to explain (default: the predicted one)")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--out", type=Path, default=Path("explanation.png"))
+    args = parser.parse_args(argv)
+    model = build(args.model)
+    if args.weights is not None:
+        model.load_state_dict(torch.load(args.weights, weights_only=True, map_location="cpu"))
+    image, x = load_image(args.image, args.size)
+    with torch.no_grad():
+        target = int(model(x).argmax(1)) if args.target is None else args.target
+    rows = []
+    for name in args.composite or ["epsilon_plus"]:
+        without, _ = attribute(model, x, target, name, canonize=False)
+        with_, _ = attribute(model, x, target, name, canonize=True)
+        rows.append((name, heatmap(without), heatmap(with_)))
+    weights = "random weights" if args.weights is None else args.weights.name
+    render(rows, image, f"{args.model} ({weights}), class {target}").save(args.out)
+    print(args.out)
+    return 0
