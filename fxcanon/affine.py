@@ -219,7 +219,10 @@ class _ConePropagation:
         args = map_arg(node.args, lambda n: self._lookup(n, joins))
         kwargs = map_arg(node.kwargs, lambda n: self._lookup(n, joins))
         run = self._runner(node)
-        out = run(*args, **kwargs)
+        try:
+            out = run(*args, **kwargs)
+        except Exception as error:  # the op does not accept the ids (e.g. symbolic sizes): do not follow
+            raise _Stop(f"{node.name}: could not follow the features ({type(error).__name__})") from error
         if kind == "average":
             if not bool((run(*_squared(args), **kwargs) == out * out).all()):
                 raise _Stop(f"{node.name}: averages over different features")

@@ -27,11 +27,11 @@ RULE_COLUMNS = {FORWARD: "fwd", BACKWARD_VECTOR: "bwd vec", BACKWARD_BIAS_MAP: "
                 THROUGH_LAYOUT: "layout", THRESHOLD: "thresh"}
 
 
-def run_one(name: str, size: int, batch: int, sums: bool, check: bool, seed: int) -> dict[str, Any]:
+def run_one(name: str, size: int, batch: int, lrp_form: bool, check: bool, seed: int) -> dict[str, Any]:
     """Build, trace, canonicalize and check one model; a JSON-ready summary."""
     model = build(name, seed)
     inputs = example_inputs(model, name, size, batch)
-    selected = passes_module.DEFAULT_PASSES if sums else passes_module.FOLD_PASSES
+    selected = passes_module.DEFAULT_PASSES if lrp_form else passes_module.FOLD_PASSES
     start = time.perf_counter()
     traced = trace(model)
     traced_s = time.perf_counter() - start
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and BatchNorm statistics")
-    parser.add_argument("--no-sums", action="store_true", help="do not make residual sums explicit")
+    parser.add_argument("--fold-only", action="store_true", help="only fold: no explicit sums and gates")
     parser.add_argument("--no-check", action="store_true", help="skip the float64/float32 equivalence check")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -96,6 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for i, name in enumerate(args.models, 1):
         print(f"[{i}/{len(args.models)}] {name} ...", file=sys.stderr, flush=True)
-        rows.append(run_one(name, args.size, args.batch, not args.no_sums, not args.no_check, args.seed))
+        rows.append(run_one(name, args.size, args.batch, not args.fold_only, not args.no_check, args.seed))
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0 if all(r.get("equivalent", True) and r["batchnorms_after"] == 0 for r in rows) else 1
