@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
@@ -110,7 +109,7 @@ def latency_row(name: str, batch: int, size: int, repeats: int) -> dict[str, obj
     row: dict[str, object] = {"model": name, "batch": batch}
     with torch.inference_mode():
         for label, variant in variants.items():
-            row[f"{label} ms"] = 1000 * median_seconds(lambda: variant(x), repeats)
+            row[f"{label} ms"] = 1000 * median_seconds(lambda v=variant: v(x), repeats)
     row["fxcanon vs bound"] = row["fxcanon ms"] / row["no-BN bound ms"] - 1
     return row
 

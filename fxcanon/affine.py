@@ -162,6 +162,8 @@ class _ConePropagation:
         meta = node.meta.get("tensor_meta")
         if not hasattr(meta, "shape"):
             raise _Stop(f"{node.name}: no recorded shape (pass example_inputs)")
+        if not all(isinstance(d, int) for d in meta.shape):
+            raise _Stop(f"{node.name}: symbolic shape, features not followed")
         return tuple(meta.shape)
 
     def run(self) -> list[Sink]:

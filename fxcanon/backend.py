@@ -34,9 +34,8 @@ def _record_shapes(gm: GraphModule) -> None:
     """``tensor_meta`` (and small values) from the example values Dynamo recorded on each node."""
     for node in gm.graph.nodes:
         value = node.meta.get("example_value", node.meta.get("val"))
-        if isinstance(value, torch.Tensor):
-            if all(isinstance(d, int) for d in value.shape):
-                node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        if isinstance(value, torch.Tensor):  # symbolic sizes too: ranks prove channel axes
+            node.meta["tensor_meta"] = _extract_tensor_metadata(value)
         elif isinstance(value, int) and not isinstance(value, bool):
             node.meta[VALUE_KEY] = value
 

@@ -119,11 +119,13 @@ def test_training_graph_is_untouched():
 
 def test_bias_map_follows_the_input_size():
     model = block(3).double()
-    fast = compiled(model)
+    recorder = Recorder()
+    fast = compiled(model, recorder)
     with torch.no_grad():
         for size in ((5, 7), (9, 4), (1, 1)):
             x = torch.randn(2, 3, *size, dtype=torch.float64)
             assert relative_error(fast(x), model(x)) < 1e-12
+    assert len(recorder.graphs) >= 2 and not recorder.batchnorms()  # the dynamic-shape graph is folded too
 
 
 def test_inductor_inner_compiler():

@@ -4,7 +4,6 @@ Hypothesis builds small networks from templates with random sizes and statistics
 templates must lose their BatchNorm and stay exact, negative ones must keep it and stay exact.
 """
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given

@@ -61,7 +61,7 @@ class RelationNetwork(nn.Module):
         objects = features.view(n, c, -1).permute(0, 2, 1)  # (N, P, C)
         coordinates = self.coordinates.to(objects).expand(n, -1, -1)
         objects = torch.cat([objects, coordinates], 2)  # (N, P, C + 2)
-        p, d = objects.size(1), objects.size(2)
+        p = objects.size(1)
         x_i = objects.unsqueeze(2).repeat(1, 1, p, 1)  # object i of pair (i, j)
         x_j = objects.unsqueeze(1).repeat(1, p, 1, 1)  # object j of pair (i, j)
         q = self.encode_question(question)
