@@ -9,7 +9,7 @@ from fxcanon import canonicalize, get_report
 from fxcanon.equivalence import check_equivalence, randomize_batchnorms, relative_error
 from fxcanon.fold_math import relu_factorization
 from fxcanon.modules import Sum, ThresholdReLU
-from fxcanon.passes import FOLD_PASSES, ExplicitSums
+from fxcanon.passes import FOLD_PASSES, ExplicitPooling, ExplicitSums
 from fxcanon.report import THRESHOLD
 
 D = torch.float64
@@ -134,3 +134,16 @@ def test_models_holding_fxcanon_modules_trace_them_as_leaves():
     gm = canonicalize(outer)
     x = torch.randn(1, 3, 5, 5)
     assert relative_error(gm(x), outer(x)) < 1e-6
+
+
+def test_functional_average_pools_become_modules():
+    class Pools(nn.Module):
+        def forward(self, x):
+            y = nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True)
+            return nn.functional.adaptive_avg_pool2d(y, 1).flatten(1) + nn.functional.avg_pool1d(x.flatten(2), 2).sum(2)
+
+    x = torch.randn(2, 3, 5, 6)
+    gm = canonicalize(Pools(), (x,), passes=[ExplicitPooling])
+    kinds = sorted(type(m).__name__ for m in gm.modules() if type(m).__module__ == "torch.nn.modules.pooling")
+    assert kinds == ["AdaptiveAvgPool2d", "AvgPool1d", "AvgPool2d"]
+    assert torch.equal(gm(x), Pools()(x))
