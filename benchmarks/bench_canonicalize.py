@@ -6,7 +6,7 @@
 Prints a Markdown table and (unless --no-write) writes it to benchmarks/RESULTS.md, section
 "canonicalize", with the machine and versions. Alternatives, side by side in the same run:
 the unfused model, ``torch.fx.experimental.optimization.fuse``, fxcanon with and without explicit
-sums and gates (the LRP form), and the lower bound: the same model with every BatchNorm replaced by identity (not
+sums, gates and pooling modules (the LRP form), and the lower bound: the same model with every BatchNorm replaced by identity (not
 equivalent to the model, only the speed a perfect fold can reach).
 """
 
@@ -103,7 +103,7 @@ def latency_row(name: str, batch: int, size: int, repeats: int) -> dict[str, obj
         "original": model,
         "fx fuse": fuse(model),
         "fxcanon": canonicalize(model, (x,), passes=FOLD_PASSES),
-        "fxcanon+sums+gates": canonicalize(model, (x,)),
+        "fxcanon LRP form": canonicalize(model, (x,)),
         "no-BN bound": without_batchnorm(model),
     }
     row: dict[str, object] = {"model": name, "batch": batch}

@@ -25,7 +25,7 @@ from .fold_math import batchnorm_affine, fold_into_output, fused_input, fused_ou
 from .modules import ThresholdReLU, conv_bias_map, threshold_relu
 from .report import Fold, fold_record
 from .rewrite import build_layer, fold_sink, fresh_name, install_layer, layer_tensors
-from .views import _LINEAR_FUNCTIONS, BatchNormView, LinearView, check_batchnorm
+from .views import LINEAR_FUNCTIONS, BatchNormView, LinearView, check_batchnorm
 
 
 @dataclasses.dataclass
@@ -202,7 +202,7 @@ def _set_parameters(gm: GraphModule, view: LinearView, fused: Node) -> None:
     if "tensor_meta" not in bias.meta and "tensor_meta" in weight.meta:
         meta = weight.meta["tensor_meta"]
         bias.meta["tensor_meta"] = meta._replace(shape=torch.Size([view.out_channels]))
-    names = _LINEAR_FUNCTIONS[view.node.target][0]
+    names = LINEAR_FUNCTIONS[view.node.target][0]
     values = {"input": view.node.args[0] if view.node.args else view.node.kwargs["input"], "weight": weight,
               "bias": bias, "stride": view.stride, "padding": view.padding, "dilation": view.dilation,
               "groups": view.groups, "output_padding": view.output_padding}

@@ -19,13 +19,10 @@ from .fold_math import (LayerTensors, batchnorm_affine, channel_affine, fold_int
                         relu_factorization)
 from .modules import FUSED_FOR
 from .report import Fold, fold_record
-from .views import LinearView
+from .views import LINEAR_MODULES, LinearView
 
-_BASE_TYPES = {
-    (0, False): nn.Linear,
-    (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
-    (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d,
-}
+# (spatial dims, transposed) -> the standard layer type
+_BASE_TYPES = {layout: base for base, layout in LINEAR_MODULES.items() if base in FUSED_FOR}
 
 
 def layer_tensors(view: LinearView) -> LayerTensors:

@@ -21,7 +21,7 @@ from .errors import CanonizationError
 from .modules import FUSED_TYPES
 
 # module type -> (spatial dims, transposed); spatial dims 0 means Linear
-_LINEAR_MODULES: dict[type, tuple[int, bool]] = {
+LINEAR_MODULES: dict[type, tuple[int, bool]] = {
     nn.Linear: (0, False),
     nn.Conv1d: (1, False),
     nn.Conv2d: (2, False),
@@ -30,12 +30,12 @@ _LINEAR_MODULES: dict[type, tuple[int, bool]] = {
     nn.ConvTranspose2d: (2, True),
     nn.ConvTranspose3d: (3, True),
 }
-_LINEAR_MODULES.update({fused: _LINEAR_MODULES[base] for fused, base in FUSED_TYPES.items()})
+LINEAR_MODULES.update({fused: LINEAR_MODULES[base] for fused, base in FUSED_TYPES.items()})
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 # functional target -> (argument names, spatial dims, transposed)
-_LINEAR_FUNCTIONS: dict[Callable[..., Any], tuple[tuple[str, ...], int, bool]] = {
+LINEAR_FUNCTIONS: dict[Callable[..., Any], tuple[tuple[str, ...], int, bool]] = {
     F.linear: (("input", "weight", "bias"), 0, False),
     torch.conv1d: (_CONV_ARGS, 1, False),
     torch.conv2d: (_CONV_ARGS, 2, False),
@@ -166,7 +166,7 @@ def linear_view(gm: GraphModule, node: Node, graph_params: bool = False) -> Line
     """
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        dims_transposed = _LINEAR_MODULES.get(type(module))
+        dims_transposed = LINEAR_MODULES.get(type(module))
         if dims_transposed is None or not node.args or not isinstance(node.args[0], Node):
             return None
         dims, transposed = dims_transposed
@@ -183,8 +183,8 @@ def linear_view(gm: GraphModule, node: Node, graph_params: bool = False) -> Line
             bias_kernel=getattr(module, "bias_kernel", None), pad_kernel=getattr(module, "pad_kernel", None),
             input_pad=tuple(getattr(module, "input_pad", ())),
         )
-    if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
-        names, dims, transposed = _LINEAR_FUNCTIONS[node.target]
+    if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
+        names, dims, transposed = LINEAR_FUNCTIONS[node.target]
         args = bind_args(node, names)
         try:
             weight, bias = (_param(gm, args.get(k), graph_params) for k in ("weight", "bias"))
