@@ -130,7 +130,8 @@ def _channel_map(view: LinearView, ids: Tensor) -> Tensor:
             raise _Stop(f"{name}: unbatched or unexpected input rank")
         rows = ids.transpose(0, 1).reshape(ids.shape[1], -1).T
     if rows.shape[0] == 0 or not bool((rows == rows[0]).all()):
-        raise _Stop(f"{name}: a BatchNorm channel does not map to one input {'column' if view.spatial_dims == 0 else 'channel'}")
+        unit = "column" if view.spatial_dims == 0 else "channel"
+        raise _Stop(f"{name}: a BatchNorm channel does not map to one input {unit}")
     return _ids_to_map(rows[0])
 
 

@@ -93,9 +93,10 @@ def canonicalize(
     (optional) lets the analysis record shapes: it is needed to fold through layout ops
     (view, permute, cat, pooling...) and to prove the channel axis of BatchNorm1d/functional
     BatchNorms; a model that defines ``example_inputs()`` (like
-    :class:`fxcanon.models.RelationNetwork`) provides them itself. ``passes`` selects pass classes (or instances) to run instead of
-    :data:`fxcanon.passes.DEFAULT_PASSES`. BatchNorms in training mode raise CanonizationError
-    unless ``allow_training`` leaves them untouched. The report is ``get_report(result)``.
+    :class:`fxcanon.models.RelationNetwork`) provides them itself. ``passes`` selects pass classes
+    (or instances) to run instead of :data:`fxcanon.passes.DEFAULT_PASSES`. BatchNorms in training
+    mode raise CanonizationError unless ``allow_training`` leaves them untouched. The report is
+    ``get_report(result)``.
     """
     if example_inputs is None and callable(getattr(model, "example_inputs", None)):
         example_inputs = model.example_inputs()

@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and BatchNorm statistics")
-    parser.add_argument("--fold-only", action="store_true", help="only fold: no explicit sums, gates and pooling modules")
+    parser.add_argument("--fold-only", action="store_true",
+                        help="only fold: no explicit sums, gates and pooling modules")
     parser.add_argument("--no-check", action="store_true", help="skip the float64/float32 equivalence check")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

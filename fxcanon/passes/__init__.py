@@ -17,6 +17,6 @@ DEFAULT_PASSES: tuple[type[CanonizationPass], ...] = (
 FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:3]
 
 __all__ = [
-    "DEFAULT_PASSES", "FOLD_PASSES", "CanonizationPass", "ExplicitGates", "ExplicitPooling", "ExplicitSums", "FoldBatchNormBackward", "FoldBatchNormForward",
-    "FoldBatchNormThroughReLU",
+    "DEFAULT_PASSES", "FOLD_PASSES", "CanonizationPass", "ExplicitGates", "ExplicitPooling", "ExplicitSums",
+    "FoldBatchNormBackward", "FoldBatchNormForward", "FoldBatchNormThroughReLU",
 ]
