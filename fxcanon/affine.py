@@ -9,8 +9,10 @@ tensor of *feature ids* (BatchNorm channel ``c`` is ``c + 1``, anything else is 
 like the real values recorded by shape propagation: the ids arriving at a Linear must be the same
 in every row, at a convolution the same at every position of a channel. Then the layer's input
 column (or channel) ``k`` sees BatchNorm channel ``ids[k] - 1`` or the identity (A.23-A.26).
-Without recorded shapes only direct uses (BatchNorm -> layer, BatchNorm -> constant pad -> conv)
-are analysed.
+Shapes are recorded at the example inputs and, where the model accepts them, at inputs one larger
+along batch and spatial axes (``fxcanon.canonicalize.probe_sizes``): both must give the same map,
+which rejects reshapes that keep channels apart only at the traced size. Without recorded shapes
+only direct uses (BatchNorm -> layer, BatchNorm -> constant pad -> conv) are analysed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .views import (BatchNormView, ConstantPadView, LinearView, bind_args, const
                     linear_view)
 
 VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
+PROBE_KEY = "fxcanon_probe"  # (shape or None, value) of a second run at grown input sizes
 
 _CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
 _MOVE_METHODS = {
@@ -152,8 +155,9 @@ def _pad_sink(gm: GraphModule, pad: ConstantPadView, graph_params: bool) -> Line
 class _ConePropagation:
     """Runs the uses of one BatchNorm on feature ids (see module docstring)."""
 
-    def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> None:
-        self.gm, self.bn, self.s, self.graph_params = gm, bn, s, graph_params
+    def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool,
+                 probe: bool = False) -> None:
+        self.gm, self.bn, self.s, self.graph_params, self.probe = gm, bn, s, graph_params, probe
         self.ids: dict[Node, Any] = {}
         self.paths: dict[Node, tuple[str, ...]] = {}
         self.sinks: list[Sink] = []
@@ -161,6 +165,9 @@ class _ConePropagation:
 
     def _meta_shape(self, node: Node) -> tuple[int, ...]:
         meta = node.meta.get("tensor_meta")
+        if self.probe:
+            shape = node.meta.get(PROBE_KEY, (None, None))[0]
+            meta = None if shape is None else torch.empty(shape, device="meta")
         if not hasattr(meta, "shape"):
             raise _Stop(f"{node.name}: no recorded shape (pass example_inputs)")
         if not all(isinstance(d, int) for d in meta.shape):
@@ -204,7 +211,9 @@ class _ConePropagation:
     def _lookup(self, node: Node, joins: bool) -> Any:
         if node in self.ids:
             return self.ids[node]
-        if VALUE_KEY in node.meta:
+        if self.probe and PROBE_KEY in node.meta and node.meta[PROBE_KEY][0] is None:
+            return node.meta[PROBE_KEY][1]
+        if not self.probe and VALUE_KEY in node.meta:
             return node.meta[VALUE_KEY]
         if joins and hasattr(node.meta.get("tensor_meta"), "shape"):
             return torch.full(self._meta_shape(node), -1.0, dtype=torch.float64)
@@ -314,6 +323,11 @@ def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
     users = list(bn.node.users)
     try:
         sinks = _ConePropagation(gm, bn, s, graph_params).run()
+        if PROBE_KEY in bn.node.meta:  # the same feature map at other input sizes, or no fold
+            probed = _ConePropagation(gm, bn, s, graph_params, probe=True).run()
+            if [(k.view.node, k.channel_map.tolist()) for k in sinks] != \
+                    [(k.view.node, k.channel_map.tolist()) for k in probed]:
+                raise _Stop("the features reach the layers differently at another input size")
         return BackwardFold(bn, sinks, users)
     except _Stop as stop:
         whole = str(stop)

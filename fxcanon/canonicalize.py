@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Tracer
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import modules
-from .affine import VALUE_KEY
+from .affine import PROBE_KEY, VALUE_KEY
 from .errors import CanonizationError
 from .passes import DEFAULT_PASSES, CanonizationPass
 from .report import REPORT_KEY, Report
@@ -80,6 +80,40 @@ def record_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
         raise CanonizationError(f"running the model on example_inputs failed: {error}") from error
 
 
+class _SizeProbe(torch.fx.Interpreter):
+    """Records every node's shape (tensors) or value (the rest) for a second, grown input."""
+
+    def run_node(self, n: Any) -> Any:
+        result = super().run_node(n)
+        n.meta[PROBE_KEY] = (tuple(result.shape), None) if isinstance(result, Tensor) else (None, result)
+        return result
+
+
+def _grown(x: Any) -> Any:
+    """``x`` one larger along the batch and every spatial dimension (the last slice repeated)."""
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        return x
+    for dim in [0, *range(2, x.dim())]:
+        x = torch.cat([x, x.narrow(dim, x.shape[dim] - 1, 1)], dim)
+    return x
+
+
+def probe_sizes(gm: GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Run ``gm`` once more on inputs grown by one along batch and spatial axes, recording sizes.
+
+    Folds through layout ops then have to map features the same way at both sizes; a model that
+    rejects the grown inputs keeps only the first record. Returns whether the probe ran.
+    """
+    try:
+        with torch.no_grad():
+            _SizeProbe(gm).run(*(_grown(x) for x in example_inputs))
+    except Exception:  # the model accepts no other size: nothing to compare with
+        for node in gm.graph.nodes:
+            node.meta.pop(PROBE_KEY, None)
+        return False
+    return True
+
+
 def canonicalize(
     model: nn.Module,
     example_inputs: Sequence[Any] | Tensor | None = None,
@@ -105,7 +139,9 @@ def canonicalize(
     else:
         gm = trace(model)
     if example_inputs is not None:
-        record_shapes(gm, (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs))
+        inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+        record_shapes(gm, inputs)
+        probe_sizes(gm, inputs)
     report = Report()
     selected = [p(report, allow_training=allow_training) if isinstance(p, type) else p
                 for p in (DEFAULT_PASSES if passes is None else passes)]

@@ -170,3 +170,22 @@ def test_layout_paths_need_example_inputs_and_say_so():
     model = randomize_batchnorms(LayoutNet(_flatten, "linear", 2, 2, 2, 2)).eval()
     entry = get_report(canonicalize(model)).entries["bn"]
     assert entry.status == "left" and "example_inputs" in entry.left_reason
+
+
+def test_a_view_that_keeps_channels_only_at_the_traced_size_is_left():
+    """(N, C, 1, 1).view(-1, C) keeps channels in columns only while the map is 1x1: the model
+    accepts 2x2 maps too (rows then mix channels), so the BatchNorm must stay."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.fc = nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.bn(x).view(-1, 4))
+
+    model = randomize_batchnorms(Net()).eval()
+    gm = canonicalize(model, (torch.randn(2, 4, 1, 1),))
+    assert _batchnorms_left(gm)
+    x = torch.randn(2, 4, 2, 2)
+    assert torch.equal(gm(x), model(x))
