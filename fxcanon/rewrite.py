@@ -8,6 +8,7 @@ afresh) or, when the old layer is also used elsewhere, under a new name for this
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,18 @@ def fresh_name(gm: GraphModule, base: str) -> str:
         k += 1
         name = f"{base.replace('.', '_')}{k}"
     return name
+
+
+def replace_with_module(gm: GraphModule, node: Node, module: nn.Module, args: tuple[Any, ...], suffix: str) -> Node:
+    """Replace ``node`` by a call of ``module`` (added under a fresh name) on ``args``."""
+    name = fresh_name(gm, f"{node.name}_{suffix}")
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
 
 
 def install_layer(gm: GraphModule, view: LinearView, layer: nn.Module) -> Node:

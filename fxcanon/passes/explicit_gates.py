@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..modules import Gate
-from ..rewrite import finish, fresh_name
+from ..rewrite import finish, replace_with_module
 from ._base import CanonizationPass
 
 _MULTIPLY = {operator.mul, torch.mul}
@@ -51,13 +51,7 @@ class ExplicitGates(CanonizationPass):
                 signal, gate = a, b
             else:
                 continue
-            name = fresh_name(graph_module, f"{node.name}_gate")
-            graph_module.add_submodule(name, Gate())
-            with graph_module.graph.inserting_before(node):
-                gated = graph_module.graph.call_module(name, (signal, gate))
-            gated.meta = dict(node.meta)
-            node.replace_all_uses_with(gated)
-            graph_module.graph.erase_node(node)
+            replace_with_module(graph_module, node, Gate(), (signal, gate), "gate")
             modified = True
         finish(graph_module, modified)
         return PassResult(graph_module, modified)

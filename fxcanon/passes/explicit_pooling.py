@@ -7,7 +7,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..rewrite import finish, fresh_name
+from ..rewrite import finish, replace_with_module
 from ..views import bind_args
 from ._base import CanonizationPass
 
@@ -40,13 +40,8 @@ class ExplicitPooling(CanonizationPass):
             args = bind_args(node, ("input", *names))
             if not all(isinstance(v, (int, bool, tuple, list, type(None))) for k, v in args.items() if k != "input"):
                 continue
-            name = fresh_name(graph_module, f"{node.name}_pool")
-            graph_module.add_submodule(name, module_type(**{k: v for k, v in args.items() if k != "input"}))
-            with graph_module.graph.inserting_before(node):
-                pooled = graph_module.graph.call_module(name, (args["input"],))
-            pooled.meta = dict(node.meta)
-            node.replace_all_uses_with(pooled)
-            graph_module.graph.erase_node(node)
+            pool = module_type(**{k: v for k, v in args.items() if k != "input"})
+            replace_with_module(graph_module, node, pool, (args["input"],), "pool")
             modified = True
         finish(graph_module, modified)
         return PassResult(graph_module, modified)

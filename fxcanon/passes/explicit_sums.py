@@ -9,7 +9,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..modules import Sum
-from ..rewrite import finish, fresh_name
+from ..rewrite import finish, replace_with_module
 from ._base import CanonizationPass
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -96,8 +96,6 @@ class ExplicitSums(CanonizationPass):
             summands, reduced = _summands(node), _reduced(node)
             if summands is None and reduced is None:
                 continue
-            name = fresh_name(graph_module, f"{node.name}_sum")
-            graph_module.add_submodule(name, Sum())
             with graph.inserting_before(node):
                 if reduced is not None:
                     stacked = graph.call_method("movedim", (reduced[0], reduced[1], -1))
@@ -106,10 +104,7 @@ class ExplicitSums(CanonizationPass):
                     same = all(hasattr(m, "shape") for m in shapes) and shapes[0].shape == shapes[1].shape
                     values = list(summands) if same else graph.call_function(torch.broadcast_tensors, summands)
                     stacked = graph.call_function(torch.stack, (values, -1))
-                total = graph.call_module(name, (stacked,))
-            total.meta = dict(node.meta)
-            node.replace_all_uses_with(total)
-            graph.erase_node(node)
+            replace_with_module(graph_module, node, Sum(), (stacked,), "sum")
             modified = True
         finish(graph_module, modified)
         return PassResult(graph_module, modified)
