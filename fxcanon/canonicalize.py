@@ -140,8 +140,15 @@ def canonicalize(
         gm = trace(model)
     if example_inputs is not None:
         inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-        record_shapes(gm, inputs)
-        probe_sizes(gm, inputs)
+        buffers = {name: buffer.clone() for name, buffer in gm.named_buffers()}
+        try:  # running the model must not move the caller's statistics (training-mode BatchNorms)
+            record_shapes(gm, inputs)
+            probe_sizes(gm, inputs)
+        finally:
+            with torch.no_grad():
+                for name, buffer in gm.named_buffers():
+                    if name in buffers and not torch.equal(buffer, buffers[name]):
+                        buffer.copy_(buffers[name])
     report = Report()
     selected = [p(report, allow_training=allow_training) if isinstance(p, type) else p
                 for p in (DEFAULT_PASSES if passes is None else passes)]

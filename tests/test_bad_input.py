@@ -31,6 +31,17 @@ def test_training_mode_can_be_left_untouched_on_request():
     assert isinstance(gm.get_submodule("1"), nn.BatchNorm2d)
 
 
+@pytest.mark.parametrize("allow", [False, True])
+def test_shape_recording_does_not_move_training_statistics(allow):
+    model = conv_bn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        canonicalize(model, torch.randn(4, 3, 6, 6), allow_training=allow)
+    except CanonizationError:
+        assert not allow
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_functional_training_batchnorm_raises():
     class Net(nn.Module):
         def __init__(self):
