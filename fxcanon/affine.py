@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .views import (BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view, reads_only_metadata,
+from .views import (PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view, reads_only_metadata,
                     linear_view)
 
 VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
@@ -266,7 +266,7 @@ class _ConePropagation:
                 return "move"
             if node.target is F.dropout:
                 return "move" if not bind_args(node, ("input", "p", "training")).get("training", True) else None
-            if node.target is F.pad:
+            if node.target in PAD_FUNCTIONS:
                 return "move" if bind_args(node, ("input", "pad", "mode")).get("mode", "constant") != "constant" \
                     else None
             if node.target in _AVERAGE_FUNCTIONS:

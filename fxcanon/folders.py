@@ -56,6 +56,9 @@ class ModuleFolder:
     def supports(self, view: LinearView) -> bool:
         return True
 
+    def supports_sink(self, sink: Sink) -> bool:
+        return True
+
     def fold_output(self, gm: GraphModule, plan: ForwardFold, affine: Affine) -> Node:
         producer = plan.producer
         tensors = fold_into_output(layer_tensors(producer), affine.s, affine.t, transposed=producer.transposed,
@@ -140,6 +143,10 @@ class GraphFolder:
 
     def supports(self, view: LinearView) -> bool:
         return view.module is None and not view.input_pad
+
+    def supports_sink(self, sink: Sink) -> bool:
+        """Explicit constant padding before the layer (a pad kernel) is not emitted in graphs."""
+        return self.supports(sink.view) and sink.pad is None
 
     def fold_output(self, gm: GraphModule, plan: ForwardFold, affine: Affine) -> Node:
         view = plan.producer

@@ -273,6 +273,7 @@ class ConstantPadView:
     value: float
 
 
+PAD_FUNCTIONS = {F.pad, torch._C._nn.pad}  # the second is what torch.compile graphs call
 _PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
 
 
@@ -283,7 +284,7 @@ def constant_pad_view(gm: GraphModule, node: Node) -> ConstantPadView | None:
         if not isinstance(module, _PAD_MODULES):
             return None
         return ConstantPadView(node, node.args[0], tuple(module.padding), float(module.value))
-    if node.op == "call_function" and node.target is F.pad:
+    if node.op == "call_function" and node.target in PAD_FUNCTIONS:
         args = bind_args(node, ("input", "pad", "mode", "value"))
         if args.get("mode", "constant") != "constant" or not isinstance(args["input"], Node):
             return None

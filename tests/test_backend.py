@@ -6,12 +6,14 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
 import torch.nn.functional as F
 from torch import nn
 
 import fxcanon  # noqa: F401  (registers the backend; the entry point does it without the import)
 from fxcanon.equivalence import randomize_batchnorms, relative_error
 from fxcanon.zoo import build
+from test_properties import conv_models, runs
 
 BATCH_NORMS = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
 
@@ -146,3 +148,33 @@ def test_backend_name_works_without_importing_fxcanon():
         assert "fxcanon.backend" in sys.modules
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=12)
+@given(case=conv_models())
+def test_backend_folds_random_layers_exactly(case):
+    model, inputs = case
+    assume(runs(model, inputs))
+    model = model.double()
+    recorder = Recorder()
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="fxcanon", options={"inner": recorder}, dynamic=False)
+    with torch.no_grad():
+        for (x,) in inputs:
+            assert relative_error(fast(x.double()), model(x.double())) < 1e-10
+    assert not recorder.batchnorms()
+
+
+def test_explicit_constant_padding_is_left_in_graphs():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3)
+
+        def forward(self, x):
+            return self.conv(F.pad(self.bn(x), (1, 1, 1, 1), value=0.5))
+
+    model = randomize_batchnorms(Net()).eval().double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(compiled(model)(x), model(x)) < 1e-12

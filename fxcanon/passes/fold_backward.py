@@ -28,7 +28,7 @@ class FoldBatchNormBackward(CanonizationPass):
         modified = False
         for bn, entry, affine in self.batchnorms(graph_module, reverse=True):
             plan = backward_fold(graph_module, bn, affine.scale, self.folder.graph_params)
-            if isinstance(plan, BackwardFold) and not all(self.folder.supports(k.view) for k in plan.sinks):
+            if isinstance(plan, BackwardFold) and not all(self.folder.supports_sink(k) for k in plan.sinks):
                 plan = "a consumer's kind is not supported here"
             if not isinstance(plan, BackwardFold):
                 if not entry.folds:

@@ -35,7 +35,7 @@ class FoldBatchNormThroughReLU(CanonizationPass):
             relu = users[0]
             plan = backward_fold(graph_module, dataclasses.replace(bn, node=relu, input=bn.node), affine.scale,
                                  self.folder.graph_params)
-            if isinstance(plan, BackwardFold) and not all(self.folder.supports(k.view) for k in plan.sinks):
+            if isinstance(plan, BackwardFold) and not all(self.folder.supports_sink(k) for k in plan.sinks):
                 plan = "a consumer's kind is not supported here"
             if not isinstance(plan, BackwardFold) or plan.left_reason is not None:
                 reason = plan if isinstance(plan, str) else plan.left_reason
