@@ -28,11 +28,13 @@ def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
     change nothing and prove nothing.
     """
     generator = torch.Generator().manual_seed(seed)
+
+    def uniform(t: Tensor, low: float, high: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=generator, dtype=torch.float64) * (high - low) + low)
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                def uniform(t: Tensor, low: float, high: float) -> None:
-                    t.copy_(torch.rand(t.shape, generator=generator, dtype=torch.float64) * (high - low) + low)
                 uniform(module.running_mean, -0.5, 0.5)
                 uniform(module.running_var, 0.5, 2.0)
                 if module.affine:

@@ -5,6 +5,10 @@ Notation (``../shared/design/canonization-math.md``): an eval-mode BatchNorm is 
 affine map ``BN(x) = s * x + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta - s * mean``.
 Weights use PyTorch's layouts: ``(out, in/groups, k...)`` for Linear and ConvNd,
 ``(in, out/groups, k...)`` for ConvTransposeNd.
+
+``torch.nn.utils.fusion.fuse_conv_bn_weights`` covers only the forward fold, computes in the
+weights' own precision and scales ConvTranspose weights along dim 1 alone (wrong for groups > 1):
+hence these functions.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
     input of the layer's size is the bias map ``conv(P(1), K)``. A nonzero explicit padding value
     ``v`` between the BatchNorm and the layer becomes ``pad_kernel += v * W`` (the graph pads with 0).
     """
+    if vector_bias and transposed:
+        raise ValueError("a transposed convolution's shift is position-dependent: vector_bias must be False")
     shift = scale_input_channels(layer.weight, t_in, transposed=transposed, groups=groups)
     weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
     pad_kernel = layer.pad_kernel

@@ -32,6 +32,11 @@ from torch import Tensor, nn
 _CACHE_SIZE = 8
 
 
+def _ones_batch1(x: Tensor, spatial_dims: int) -> Tensor:
+    """Ones shaped like ``x`` with batch size 1 (unbatched inputs keep their shape)."""
+    return x.new_ones((1,) * (x.dim() - spatial_dims - 1) + tuple(x.shape[-spatial_dims - 1:]))
+
+
 class _BiasMapMixin:
     """Adds ``bias_map(x)`` (see module docstring) to a convolution-like layer."""
 
@@ -52,11 +57,10 @@ class _BiasMapMixin:
 
     def _masks(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """All-ones input of x's size (batch 1), split into interior and explicit-padding ring."""
-        spatial = len(self.kernel_size)
-        shape = (1,) * (x.dim() - spatial - 1) + tuple(x.shape[-spatial - 1:])
+        ones = _ones_batch1(x, len(self.kernel_size))
         if not self.input_pad:
-            return x.new_ones(shape), None
-        inner = list(shape)
+            return ones, None
+        inner = list(ones.shape)
         for i in range(len(self.input_pad) // 2):
             inner[-1 - i] -= self.input_pad[2 * i] + self.input_pad[2 * i + 1]
         interior = F.pad(x.new_ones(inner), self.input_pad)
@@ -136,7 +140,7 @@ def conv_bias_map(x: Tensor, kernel: Tensor, *, spatial_dims: int, transposed: b
                   output_padding: tuple[int, ...] = ()) -> Tensor:
     """The response of a zero-padded (transposed) convolution with ``kernel`` to all-ones of x's size
     (batch 1): the position-dependent bias of a BatchNorm folded into the layer's input (A.10-A.20)."""
-    ones = x.new_ones((1,) * (x.dim() - spatial_dims - 1) + tuple(x.shape[-spatial_dims - 1:]))
+    ones = _ones_batch1(x, spatial_dims)
     if transposed:
         return _CONV_TRANSPOSE[spatial_dims](ones, kernel, None, stride, padding, output_padding, groups, dilation)
     return _CONV[spatial_dims](ones, kernel, None, stride, padding, dilation, groups)

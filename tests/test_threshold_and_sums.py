@@ -147,3 +147,14 @@ def test_functional_average_pools_become_modules():
     kinds = sorted(type(m).__name__ for m in gm.modules() if type(m).__module__ == "torch.nn.modules.pooling")
     assert kinds == ["AdaptiveAvgPool2d", "AvgPool1d", "AvgPool2d"]
     assert torch.equal(gm(x), Pools()(x))
+
+
+def test_sums_equal_in_shape_only_at_the_traced_size_broadcast():
+    class Net(nn.Module):
+        def forward(self, x):
+            return x.relu() + x.mean((2, 3), keepdim=True).relu()
+
+    gm = canonicalize(Net(), (torch.randn(2, 3, 1, 1),), passes=[ExplicitSums])
+    x = torch.randn(2, 3, 4, 4)
+    assert sum(isinstance(m, Sum) for m in gm.modules()) == 1
+    assert torch.equal(gm(x), Net()(x))

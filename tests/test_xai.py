@@ -96,7 +96,7 @@ def test_epsilon_relevance_is_conserved_on_canonized_zoo_models(name):
     assert conservation_error(model, image(max(64, MIN_SIZE.get(name, 0)))) < 1e-6
 
 
-def test_gates_send_relevance_to_the_signal():
+def test_squeeze_excitation_gates_become_gate_modules():
     gm = canonicalize(build("efficientnet_b0"))
     assert sum(isinstance(m, Gate) for m in gm.modules()) == 16
 

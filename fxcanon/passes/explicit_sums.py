@@ -8,6 +8,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
+from ..affine import PROBE_KEY
 from ..modules import Sum
 from ..rewrite import finish, replace_with_module
 from ._base import CanonizationPass
@@ -35,6 +36,16 @@ def _is_computed_tensor(node: object) -> bool:
         if node.target in vars(operator).values():
             return any(_is_computed_tensor(arg) for arg in node.args)
     return True
+
+
+def _same_shapes(a: Node, b: Node) -> bool:
+    """True if ``a`` and ``b`` had equal shapes in every recorded run (the example inputs and the
+    grown-size probe): equal at one size only may still broadcast at another."""
+    meta = [n.meta.get("tensor_meta") for n in (a, b)]
+    if not all(hasattr(m, "shape") for m in meta) or meta[0].shape != meta[1].shape:
+        return False
+    probes = [n.meta.get(PROBE_KEY) for n in (a, b)]
+    return all(p is None for p in probes) or (None not in probes and probes[0][0] == probes[1][0])
 
 
 def _used_later(value: Node, node: Node) -> bool:
@@ -81,7 +92,7 @@ class ExplicitSums(CanonizationPass):
     """Sums as explicit ``Sum`` modules (summing over the last dimension), function unchanged:
 
     * ``a + b`` of two tensors computed by the graph -> ``Sum()(torch.stack([a, b], -1))``
-      (with ``torch.broadcast_tensors`` first unless both shapes are known to be equal); ``x + 1``,
+      (with ``torch.broadcast_tensors`` first unless the shapes were equal in every recorded run); ``x + 1``,
       additions of parameters and size arithmetic stay;
     * ``x.sum(dim)`` over one dimension (sum pooling, e.g. a Relation Network's sum over pairs)
       -> ``Sum()(x.movedim(dim, -1))``.
@@ -100,9 +111,7 @@ class ExplicitSums(CanonizationPass):
                 if reduced is not None:
                     stacked = graph.call_method("movedim", (reduced[0], reduced[1], -1))
                 else:
-                    shapes = [arg.meta.get("tensor_meta") for arg in summands]
-                    same = all(hasattr(m, "shape") for m in shapes) and shapes[0].shape == shapes[1].shape
-                    values = list(summands) if same else graph.call_function(torch.broadcast_tensors, summands)
+                    values = list(summands) if _same_shapes(*summands) else graph.call_function(torch.broadcast_tensors, summands)
                     stacked = graph.call_function(torch.stack, (values, -1))
             replace_with_module(graph_module, node, Sum(), (stacked,), "sum")
             modified = True
