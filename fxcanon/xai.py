@@ -22,6 +22,7 @@ from torch.fx import GraphModule
 
 from .canonicalize import canonicalize
 from .modules import Gate, Sum
+from .passes import STRUCTURAL_PASSES
 from .report import REPORT_KEY
 
 try:
@@ -103,18 +104,27 @@ def attribute(
     inputs: Tensor | Sequence[Tensor],
     target: int | Tensor,
     composite: str | Composite = "epsilon_plus",
-    canonize: bool = True,
+    canonize: bool | str = True,
+    *,
+    init: str = "onehot",
     **composite_kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """Relevance of the first input for ``target`` (class index, per batch or one for all) and the output.
 
     ``model`` is canonized on the way (a copy: the caller's model is untouched) unless it already
-    is or ``canonize=False``. Further inputs (a Relation Network's question) are passed along.
-    The explained output's relevance is its logit. For ``"rn_custom"`` without ``low``/``high``
-    the bounds are the first input's minimum and maximum.
+    is or ``canonize=False`` (the model as it is); ``canonize="structural"`` runs only the
+    structural passes (explicit sums, gates, pooling; BatchNorms kept): the paper's "not
+    canonized" baseline. Further inputs (a Relation Network's question) are passed along.
+    ``init`` seeds the explained output: ``"onehot"`` (1 at the target, the paper's choice) or
+    ``"logit"`` (the target's logit). For ``"rn_custom"`` without ``low``/``high`` the bounds are
+    the first input's minimum and maximum.
     """
+    if init not in ("onehot", "logit"):
+        raise ValueError(f"init must be 'onehot' or 'logit', not {init!r}")
     inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    if canonize and not is_canonized(model):
+    if canonize == "structural":
+        model = canonicalize(model, inputs, passes=STRUCTURAL_PASSES)
+    elif canonize and not is_canonized(model):
         model = canonicalize(model, inputs)
     if isinstance(composite, str):
         if composite == "rn_custom":
@@ -125,6 +135,8 @@ def attribute(
     with composite.context(model) as modified:
         output = modified(x, *inputs[1:])
         index = torch.as_tensor(target, device=output.device).reshape(-1, 1).expand(output.shape[0], 1)
-        selected = torch.zeros_like(output).scatter(1, index, 1.0) * output
+        selected = torch.zeros_like(output).scatter(1, index, 1.0)
+        if init == "logit":
+            selected = selected * output
         (relevance,) = torch.autograd.grad(output, x, grad_outputs=selected.detach())
     return relevance, output.detach()

@@ -83,7 +83,7 @@ def conservation_error(model, inputs, target=0):
     Deep random networks without biases have tiny logits (1e-14 for EfficientNet): epsilon must
     be far smaller than every pre-activation for the rule to conserve."""
     gm = without_biases(model, inputs)
-    relevance, output = attribute(gm, inputs, target, "epsilon", epsilon=1e-100, stabilizer=1e-100)
+    relevance, output = attribute(gm, inputs, target, "epsilon", init="logit", epsilon=1e-100, stabilizer=1e-100)
     logit = output[0, target]
     return abs(relevance.sum().item() - logit.item()) / abs(logit.item())
 

@@ -15,8 +15,10 @@ DEFAULT_PASSES: tuple[type[CanonizationPass], ...] = (
 )
 # The folds alone, without the explicit modules for LRP (sums, gates, pooling): for inference.
 FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:3]
+# The explicit modules alone, BatchNorms kept: the paper's "not canonized" baseline for LRP.
+STRUCTURAL_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[3:]
 
 __all__ = [
-    "DEFAULT_PASSES", "FOLD_PASSES", "CanonizationPass", "ExplicitGates", "ExplicitPooling", "ExplicitSums",
+    "DEFAULT_PASSES", "FOLD_PASSES", "STRUCTURAL_PASSES", "CanonizationPass", "ExplicitGates", "ExplicitPooling", "ExplicitSums",
     "FoldBatchNormBackward", "FoldBatchNormForward", "FoldBatchNormThroughReLU",
 ]
