@@ -27,11 +27,11 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .views import (PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view, reads_only_metadata,
-                    linear_view)
+from .views import (PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view,
+                    has_hooks, linear_view, reads_only_metadata, tensor_rank)
 
 VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
-PROBE_KEY = "fxcanon_probe"  # (shape or None, value) of a second run at grown input sizes
+PROBE_KEY = "fxcanon_probe"  # per run at another input size: (shape or None, value)
 
 _CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
 _MOVE_METHODS = {
@@ -73,11 +73,27 @@ class _Stop(Exception):
 
 
 @dataclass(frozen=True)
+class Guard:
+    """A condition on a tensor's shape that a fold needs: rank ``rank`` and ``sizes[d]`` at dim ``d``.
+
+    Written into the graph as a check that raises at call time (``fxcanon.guards``)."""
+
+    rank: int
+    sizes: tuple[tuple[int, int], ...] = ()
+    why: str = ""
+
+    def describe(self) -> str:
+        sizes = "".join(f", dim {d} == {n}" for d, n in self.sizes)
+        return f"input rank == {self.rank}{sizes} ({self.why})"
+
+
+@dataclass(frozen=True)
 class ForwardFold:
-    """``BN(layer(x))``: fold into the producer's output channels."""
+    """``BN(layer(x))``: fold into the producer's output channels (``guard`` on the fused output)."""
 
     bn: BatchNormView
     producer: LinearView
+    guard: Guard | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,7 @@ class Sink:
     channel_map: Tensor
     path: tuple[str, ...] = ()
     pad: ConstantPadView | None = None  # explicit constant padding right before a convolution
+    guard: Guard | None = None  # on the BatchNorm's input
 
 
 @dataclass
@@ -98,6 +115,19 @@ class BackwardFold:
     sinks: list[Sink] = field(default_factory=list)
     rewired: list[Node] = field(default_factory=list)
     left_reason: str | None = None  # why some users keep the BatchNorm
+    guard: Guard | None = None  # on the BatchNorm's input
+
+
+def _rank_guard(bn: BatchNormView, rank: int) -> Guard | str | None:
+    """Whether ``bn`` normalizes the axis a layer sees as channels (dim 1 at rank ``rank``): a reason
+    if not, a rank guard if only the call-time rank can tell (BatchNorm1d takes rank 2 and 3,
+    functional BatchNorms any rank), None if the BatchNorm itself accepts only that rank."""
+    recorded, accepted = tensor_rank(bn.input), bn.accepted_ranks
+    if (accepted is not None and rank not in accepted) or (recorded is not None and recorded != rank):
+        return "its channel axis is not the BatchNorm's"
+    if accepted == (rank,):
+        return None
+    return Guard(rank, why=f"{bn.name!r} normalizes dim 1, the layer's channel axis at this rank only")
 
 
 def forward_fold(gm: GraphModule, bn: BatchNormView, graph_params: bool = False) -> ForwardFold | str:
@@ -105,14 +135,16 @@ def forward_fold(gm: GraphModule, bn: BatchNormView, graph_params: bool = False)
     producer = linear_view(gm, bn.input, graph_params)
     if producer is None:
         return f"input {bn.input.name} is not a Linear/Conv/ConvTranspose layer"
+    if has_hooks(producer.module):
+        return f"{bn.input.name} has forward hooks"
     if len(bn.input.users) != 1:
         return f"output of {bn.input.name} has other users besides the BatchNorm"
-    rank = bn.input_rank()
-    if rank is None:
-        return "rank of the normalized tensor unknown (pass example_inputs to prove the channel axis)"
-    if rank != producer.batched_rank or producer.out_channels != bn.num_features:
-        return f"channel axis of {bn.input.name}'s output is not the BatchNorm's"
-    return ForwardFold(bn, producer)
+    if producer.out_channels != bn.num_features:
+        return f"{bn.input.name}: its output channels are not the BatchNorm's"
+    guard = _rank_guard(bn, producer.batched_rank)
+    if isinstance(guard, str):
+        return f"{bn.input.name}: {guard}"
+    return ForwardFold(bn, producer, guard)
 
 
 def _ids_to_map(ids: Tensor) -> Tensor:
@@ -156,7 +188,7 @@ class _ConePropagation:
     """Runs the uses of one BatchNorm on feature ids (see module docstring)."""
 
     def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool,
-                 probe: bool = False) -> None:
+                 probe: int | None = None) -> None:
         self.gm, self.bn, self.s, self.graph_params, self.probe = gm, bn, s, graph_params, probe
         self.ids: dict[Node, Any] = {}
         self.paths: dict[Node, tuple[str, ...]] = {}
@@ -165,8 +197,8 @@ class _ConePropagation:
 
     def _meta_shape(self, node: Node) -> tuple[int, ...]:
         meta = node.meta.get("tensor_meta")
-        if self.probe:
-            shape = node.meta.get(PROBE_KEY, (None, None))[0]
+        if self.probe is not None:
+            shape = _probe_record(node, self.probe)[0]
             meta = None if shape is None else torch.empty(shape, device="meta")
         if not hasattr(meta, "shape"):
             raise _Stop(f"{node.name}: no recorded shape (pass example_inputs)")
@@ -193,6 +225,8 @@ class _ConePropagation:
         path = self.paths[cone_args[0]]
         if all(reads_only_metadata(node, arg) for arg in cone_args):
             return
+        if node.op == "call_module" and has_hooks(self.gm.get_submodule(node.target)):
+            raise _Stop(f"{node.name} has forward hooks")
         view = linear_view(self.gm, node, self.graph_params)
         if view is not None and cone_args == [view.input]:
             self.sinks.append(Sink(view, _channel_map(view, self.ids[view.input]), path))
@@ -211,9 +245,9 @@ class _ConePropagation:
     def _lookup(self, node: Node, joins: bool) -> Any:
         if node in self.ids:
             return self.ids[node]
-        if self.probe and PROBE_KEY in node.meta and node.meta[PROBE_KEY][0] is None:
-            return node.meta[PROBE_KEY][1]
-        if not self.probe and VALUE_KEY in node.meta:
+        if self.probe is not None and PROBE_KEY in node.meta and _probe_record(node, self.probe)[0] is None:
+            return _probe_record(node, self.probe)[1]
+        if self.probe is None and VALUE_KEY in node.meta:
             return node.meta[VALUE_KEY]
         if joins and hasattr(node.meta.get("tensor_meta"), "shape"):
             return torch.full(self._meta_shape(node), -1.0, dtype=torch.float64)
@@ -306,12 +340,48 @@ def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node, graph_params: b
     if view is None or (pad is None and view.input is not bn.node) or \
             any(arg is bn.node for arg in view.node.all_input_nodes if arg is not view.input):
         return f"{user.name} ({_target_name(user.target)}) is not a linear layer"
-    rank = bn.input_rank()
-    if rank is None:
-        return f"{user.name}: rank of the normalized tensor unknown (pass example_inputs)"
-    if rank != view.batched_rank or view.in_channels != bn.num_features:
-        return f"{user.name}: its input axis is not the BatchNorm's channel axis"
-    return Sink(view, torch.arange(bn.num_features), (), pad)
+    if has_hooks(view.module):
+        return f"{user.name} has forward hooks"
+    if view.in_channels != bn.num_features:
+        return f"{user.name}: its input channels are not the BatchNorm's"
+    guard = _rank_guard(bn, view.batched_rank)
+    if isinstance(guard, str):
+        return f"{user.name}: {guard}"
+    return Sink(view, torch.arange(bn.num_features), (), pad, guard)
+
+
+def _probe_record(node: Node, probe: int) -> tuple[Any, Any]:
+    records = node.meta.get(PROBE_KEY, ())
+    return records[probe] if probe < len(records) else (None, None)
+
+
+def _size_guard(bn: BatchNormView, rank_guard: Guard | None) -> Guard:
+    """Sizes of the normalized tensor that no run at another input size varied (all of them when
+    none ran) are held at their recorded values: features were followed at those sizes only."""
+    shape = tuple(bn.node.meta["tensor_meta"].shape)
+    probed = [record[0] for record in bn.node.meta.get(PROBE_KEY, ())]
+    fixed = tuple((d, n) for d, n in enumerate(shape)
+                  if d != 1 and all(p is not None and p[d] == n for p in probed))
+    why = "features were followed through layout ops at these sizes only"
+    if rank_guard is not None:
+        why = f"{rank_guard.why}; {why}"
+    return Guard(len(shape), fixed, why)
+
+
+def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> BackwardFold:
+    """Every use of ``bn`` followed to linear layers (raises _Stop where that fails)."""
+    sinks = _ConePropagation(gm, bn, s, graph_params).run()
+    for probe in range(len(bn.node.meta.get(PROBE_KEY, ()))):  # the same feature map at every size that ran
+        probed = _ConePropagation(gm, bn, s, graph_params, probe=probe).run()
+        if [(k.view.node, k.channel_map.tolist()) for k in sinks] != \
+                [(k.view.node, k.channel_map.tolist()) for k in probed]:
+            raise _Stop("the features reach the layers differently at another input size")
+    guard = _rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))
+    if isinstance(guard, str):
+        raise _Stop(guard)
+    if any(sink.path for sink in sinks):
+        guard = _size_guard(bn, guard)
+    return BackwardFold(bn, sinks, list(bn.node.users), guard=guard)
 
 
 def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
@@ -320,24 +390,20 @@ def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
 
     ``s`` (the BatchNorm's scale, None when unknown) decides whether max pooling commutes.
     """
-    users = list(bn.node.users)
     try:
-        sinks = _ConePropagation(gm, bn, s, graph_params).run()
-        if PROBE_KEY in bn.node.meta:  # the same feature map at other input sizes, or no fold
-            probed = _ConePropagation(gm, bn, s, graph_params, probe=True).run()
-            if [(k.view.node, k.channel_map.tolist()) for k in sinks] != \
-                    [(k.view.node, k.channel_map.tolist()) for k in probed]:
-                raise _Stop("the features reach the layers differently at another input size")
-        return BackwardFold(bn, sinks, users)
+        return _cone_fold(gm, bn, s, graph_params)
     except _Stop as stop:
         whole = str(stop)
     plan = BackwardFold(bn)
     reasons = []
-    for user in users:
+    for user in bn.node.users:
         sink = _direct_sink(gm, bn, user, graph_params)
+        if isinstance(sink, Sink) and plan.sinks and sink.guard != plan.guard:
+            sink = f"{user.name}: needs another input rank than {plan.sinks[0].view.node.name}"
         if isinstance(sink, Sink):
             plan.sinks.append(sink)
             plan.rewired.append(user)
+            plan.guard = sink.guard
         elif reads_only_metadata(user, bn.node):
             plan.rewired.append(user)
         else:

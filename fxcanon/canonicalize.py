@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import modules
 from .affine import PROBE_KEY, VALUE_KEY
 from .errors import CanonizationError
+from .inventory import record_unread
 from .passes import DEFAULT_PASSES, CanonizationPass
 from .report import REPORT_KEY, Report
 
@@ -81,37 +82,80 @@ def record_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
 
 
 class _SizeProbe(torch.fx.Interpreter):
-    """Records every node's shape (tensors) or value (the rest) for a second, grown input."""
+    """Records every node's shape (tensors) or value (the rest) for one more input size."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        super().__init__(gm)
+        self.records: dict[Any, tuple[Any, Any]] = {}
 
     def run_node(self, n: Any) -> Any:
         result = super().run_node(n)
-        n.meta[PROBE_KEY] = (tuple(result.shape), None) if isinstance(result, Tensor) else (None, result)
+        self.records[n] = (tuple(result.shape), None) if isinstance(result, Tensor) else (None, result)
         return result
 
 
-def _grown(x: Any) -> Any:
-    """``x`` one larger along the batch and every spatial dimension (the last slice repeated)."""
+def _grown(x: Any, batch: int, spatial: Callable[[int], int]) -> Any:
+    """``x`` with ``batch`` more rows and spatial sizes ``spatial(size)`` (slices repeated cyclically)."""
     if not isinstance(x, Tensor) or x.dim() == 0:
         return x
-    for dim in [0, *range(2, x.dim())]:
-        x = torch.cat([x, x.narrow(dim, x.shape[dim] - 1, 1)], dim)
+    for dim, size in [(0, x.shape[0] + batch), *((d, spatial(x.shape[d])) for d in range(2, x.dim()))]:
+        if size != x.shape[dim]:
+            index = torch.arange(size, device=x.device) % x.shape[dim]
+            x = x.index_select(dim, index)
     return x
 
 
-def probe_sizes(gm: GraphModule, example_inputs: Sequence[Any]) -> bool:
-    """Run ``gm`` once more on inputs grown by one along batch and spatial axes, recording sizes.
+# Other input sizes tried, in order: every one the model accepts must route features alike.
+_PROBES: tuple[tuple[int, Callable[[int], int]], ...] = (
+    (1, lambda n: n + 1), (2, lambda n: n + 2), (1, lambda n: 2 * n), (1, lambda n: n),
+)
 
-    Folds through layout ops then have to map features the same way at both sizes; a model that
-    rejects the grown inputs keeps only the first record. Returns whether the probe ran.
+
+def probe_sizes(gm: GraphModule, example_inputs: Sequence[Any]) -> int:
+    """Run ``gm`` on inputs grown along batch and spatial axes (see ``_PROBES``), recording sizes.
+
+    Folds through layout ops then have to map features the same way at every size that ran, and
+    dimensions no run varied are guarded at call time (``fxcanon.guards``). Returns how many ran.
     """
-    try:
-        with torch.no_grad():
-            _SizeProbe(gm).run(*(_grown(x) for x in example_inputs))
-    except Exception:  # the model accepts no other size: nothing to compare with
-        for node in gm.graph.nodes:
+    records: list[dict[Any, tuple[Any, Any]]] = []
+    for batch, spatial in _PROBES:
+        probe = _SizeProbe(gm)
+        try:
+            with torch.no_grad():
+                probe.run(*(_grown(x, batch, spatial) for x in example_inputs))
+        except Exception:  # the model does not accept this size
+            continue
+        records.append(probe.records)
+    for node in gm.graph.nodes:
+        if records:
+            node.meta[PROBE_KEY] = tuple(r[node] for r in records)
+        else:
             node.meta.pop(PROBE_KEY, None)
-        return False
-    return True
+    return len(records)
+
+
+def _copied(value: Any) -> Any:
+    """Example inputs as copies: a model that changes its input in place must not change the caller's."""
+    return value.clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+
+
+def _unshare(gm: GraphModule, caller: nn.Module) -> None:
+    """Replace every module and tensor ``gm`` still shares with the caller's model by a copy
+    (one copy per shared object, so modules used twice stay one module)."""
+    owned = {id(m) for m in caller.modules()} | {id(t) for t in caller.parameters()} | \
+        {id(t) for t in caller.buffers()}
+    memo: dict[int, Any] = {}
+    pending = [gm]  # gm's own modules: the copies made here and the fused ones share nothing
+    while pending:
+        module = pending.pop()
+        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and id(tensor) in owned:
+                setattr(module, attr, copy.deepcopy(tensor, memo))
+        for child_name, child in list(module.named_children()):
+            if id(child) in owned:
+                setattr(module, child_name, copy.deepcopy(child, memo))
+            else:
+                pending.append(child)
 
 
 def canonicalize(
@@ -139,7 +183,8 @@ def canonicalize(
     else:
         gm = trace(model)
     if example_inputs is not None:
-        inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+        inputs = tuple(_copied(x) for x in ((example_inputs,) if isinstance(example_inputs, Tensor)
+                                            else example_inputs))
         buffers = {name: buffer.clone() for name, buffer in gm.named_buffers()}
         try:  # running the model must not move the caller's statistics (training-mode BatchNorms)
             record_shapes(gm, inputs)
@@ -153,5 +198,7 @@ def canonicalize(
     selected = [p(report, allow_training=allow_training) if isinstance(p, type) else p
                 for p in (DEFAULT_PASSES if passes is None else passes)]
     out = run_passes(gm, selected)
+    record_unread(out, report)
+    _unshare(out, model)
     out.meta[REPORT_KEY] = report
     return out

@@ -84,23 +84,29 @@ def fold_into_output(layer: LayerTensors, s: Tensor, t: Tensor, *, transposed: b
 
 
 def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transposed: bool = False, groups: int = 1,
-                    vector_bias: bool, pad_value: float = 0.0) -> LayerTensors:
+                    vector_bias: bool, pad_value: float | None = None) -> LayerTensors:
     """``layer(s_in * x + t_in)`` as one layer (A.6-A.9, A.10-A.15).
 
     ``W' = W diag(s_in)``. The shift goes through the *unscaled* weight, ``K = W diag(t_in)``: with
     ``vector_bias`` (every output position sees every tap, i.e. no zero padding) it is summed into
     ``b' = b + sum(K)``; otherwise it is added to the bias kernel, whose response to an all-ones
-    input of the layer's size is the bias map ``conv(P(1), K)``. A nonzero explicit padding value
-    ``v`` between the BatchNorm and the layer becomes ``pad_kernel += v * W`` (the graph pads with 0).
+    input of the layer's size is the bias map ``conv(P(1), K)``.
+
+    ``pad_value`` ``v``: the layer takes over an explicit constant padding between the BatchNorm and
+    itself (the graph then pads with 0). The padded ring sees neither ``s_in`` nor ``t_in`` but the
+    value ``v``, and whatever bias kernel the layer had so far, which applied to its whole input,
+    ring included: both go to the ring's kernel, ``pad_kernel += v * W + K_old``.
     """
     if vector_bias and transposed:
         raise ValueError("a transposed convolution's shift is position-dependent: vector_bias must be False")
     shift = scale_input_channels(layer.weight, t_in, transposed=transposed, groups=groups)
     weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
     pad_kernel = layer.pad_kernel
-    if pad_value != 0.0:
-        padded = layer.weight.double() * pad_value
-        pad_kernel = padded if pad_kernel is None else pad_kernel + padded
+    if pad_value is not None and (pad_value != 0.0 or layer.bias_kernel is not None):
+        ring = layer.weight.double() * pad_value
+        if layer.bias_kernel is not None:
+            ring = ring + layer.bias_kernel.double()
+        pad_kernel = ring if pad_kernel is None else pad_kernel + ring
     if vector_bias:
         return replace(layer, weight=weight, bias=layer.bias + shift.flatten(1).sum(1), pad_kernel=pad_kernel)
     bias_kernel = shift if layer.bias_kernel is None else layer.bias_kernel.double() + shift

@@ -61,6 +61,7 @@ class Entry:
     source: str = ""  # module path, when the BatchNorm is a module
     folds: list[Fold] = field(default_factory=list)
     left_reason: str | None = None  # set when (part of) the BatchNorm stays in the graph
+    guards: list[str] = field(default_factory=list)  # conditions checked at call time
 
     @property
     def status(self) -> str:
@@ -90,6 +91,8 @@ class Report:
         rows = [("batchnorm", "status", "where it went / why it stays")]
         for e in self.entries.values():
             detail = "; ".join(f.describe() for f in e.folds)
+            if e.guards:
+                detail += "".join(f"; guarded: {g}" for g in e.guards)
             if e.left_reason is not None:
                 detail = f"{detail}; left: {e.left_reason}" if detail else e.left_reason
             name = e.batchnorm if e.source in ("", e.batchnorm) else f"{e.batchnorm} ({e.source})"

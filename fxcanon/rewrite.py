@@ -20,7 +20,7 @@ from .fold_math import (LayerTensors, batchnorm_affine, channel_affine, fold_int
                         relu_factorization)
 from .modules import FUSED_FOR
 from .report import Fold, fold_record
-from .views import LINEAR_MODULES, LinearView
+from .views import LINEAR_MODULES, LinearView, call_input
 
 # (spatial dims, transposed) -> the standard layer type
 _BASE_TYPES = {layout: base for base, layout in LINEAR_MODULES.items() if base in FUSED_FOR}
@@ -112,6 +112,8 @@ def install_layer(gm: GraphModule, view: LinearView, layer: nn.Module) -> Node:
     """Make ``view.node`` call ``layer``; returns the node now computing the fused layer."""
     node = view.node
     if node.op == "call_module":
+        if not node.args:  # keyword input (``conv(input=x)``): fused layers take it by position
+            node.args, node.kwargs = (call_input(node),), {k: v for k, v in node.kwargs.items() if k != "input"}
         parent = _own_container(gm, node.target)
         if parent is not None and _sole_use(gm, node):
             setattr(parent, node.target.rpartition(".")[2], layer)
@@ -161,10 +163,11 @@ def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, rule: str | Non
     vector = not (view.transposed or view.zero_padded or pad is not None or view.input_pad
                   or view.bias_kernel is not None)
     device = view.weight.device
+    takes_pad = pad is not None and not view.input_pad  # else the layer holds this padding already
     tensors = fold_into_input(layer_tensors(view), s_in.to(device), t_in.to(device), transposed=view.transposed,
-                              groups=view.groups, vector_bias=vector, pad_value=pad.value if pad is not None else 0.0)
+                              groups=view.groups, vector_bias=vector, pad_value=pad.value if takes_pad else None)
     fused = install_layer(gm, view, build_layer(view, tensors, pad.pad if pad is not None else view.input_pad))
     if pad is not None and pad.value != 0.0:  # the graph now pads with 0; pad_kernel restores the value
         pad.node.op, pad.node.target = "call_function", F.pad
-        pad.node.args, pad.node.kwargs = (pad.node.args[0], list(pad.pad)), {}
+        pad.node.args, pad.node.kwargs = (call_input(pad.node), list(pad.pad)), {}  # the input now, after rewiring
     return fold_record(fused.name, sink, vector, rule)

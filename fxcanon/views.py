@@ -9,6 +9,7 @@ Passes read nodes only through the views below and never test targets themselves
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -63,6 +64,23 @@ _BATCHNORM_FUNCTIONS: dict[Callable[..., Any], tuple[str, ...]] = {
 def get_attr_value(gm: GraphModule, target: str) -> Any:
     """The object a ``get_attr`` target names."""
     return functools.reduce(getattr, target.split("."), gm)
+
+
+def call_input(node: Node) -> Any:
+    """The first argument of a call, passed by position or by keyword (``bn(input=x)``)."""
+    if node.args:
+        return node.args[0]
+    return node.kwargs.get("input", next(iter(node.kwargs.values()), None))
+
+
+def has_hooks(module: nn.Module | None) -> bool:
+    """True if calling ``module`` runs forward or forward-pre hooks (its own or global ones):
+    folding it away would drop them."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def bind_args(node: Node, names: tuple[str, ...]) -> dict[str, Any]:
@@ -167,10 +185,10 @@ def linear_view(gm: GraphModule, node: Node, graph_params: bool = False) -> Line
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         dims_transposed = LINEAR_MODULES.get(type(module))
-        if dims_transposed is None or not node.args or not isinstance(node.args[0], Node):
+        if dims_transposed is None or not isinstance(call_input(node), Node):
             return None
         dims, transposed = dims_transposed
-        common = dict(node=node, input=node.args[0], weight=module.weight, bias=module.bias,
+        common = dict(node=node, input=call_input(node), weight=module.weight, bias=module.bias,
                       spatial_dims=dims, transposed=transposed, module=module,
                       extra_args=tuple(node.args[1:]))
         if dims == 0:
@@ -221,6 +239,7 @@ class BatchNormView:
     training: bool
     accepted_ranks: tuple[int, ...] | None  # ranks the call itself enforces
     args: dict[str, Any] = field(default_factory=dict)  # a functional call's arguments by name
+    module: nn.Module | None = None
 
     @property
     def num_features(self) -> int:
@@ -240,13 +259,13 @@ def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False) -> B
     """View ``node`` as a BatchNorm, or None if it is not one (``graph_params``: see ``_param``)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if type(module) not in _BATCHNORM_MODULES or not isinstance(node.args[0], Node):
+        if type(module) not in _BATCHNORM_MODULES or not isinstance(call_input(node), Node):
             return None
         return BatchNormView(
-            node=node, input=node.args[0], name=node.target, running_mean=module.running_mean,
+            node=node, input=call_input(node), name=node.target, running_mean=module.running_mean,
             running_var=module.running_var, weight=module.weight, bias=module.bias, eps=module.eps,
             training=module.training,
-            accepted_ranks=_BATCHNORM_MODULES[type(module)],
+            accepted_ranks=_BATCHNORM_MODULES[type(module)], module=module,
         )
     if node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
         args = bind_args(node, _BATCHNORM_FUNCTIONS[node.target])
@@ -258,7 +277,11 @@ def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False) -> B
         training = args.get("training", False)
         if not isinstance(args.get("input"), Node) or not isinstance(training, bool):
             return None
-        return BatchNormView(node=node, input=args["input"], name=node.name, eps=float(args.get("eps", 1e-5)),
+        eps = args.get("eps", 1e-5)
+        if not isinstance(eps, (int, float)) and not graph_params:
+            return None
+        return BatchNormView(node=node, input=args["input"], name=node.name,
+                             eps=float(eps) if isinstance(eps, (int, float)) else eps,
                              training=training, accepted_ranks=None, args=args, **tensors)
     return None
 
@@ -283,10 +306,12 @@ def constant_pad_view(gm: GraphModule, node: Node) -> ConstantPadView | None:
         module = gm.get_submodule(node.target)
         if not isinstance(module, _PAD_MODULES):
             return None
-        return ConstantPadView(node, node.args[0], tuple(module.padding), float(module.value))
+        if not isinstance(call_input(node), Node):
+            return None
+        return ConstantPadView(node, call_input(node), tuple(module.padding), float(module.value))
     if node.op == "call_function" and node.target in PAD_FUNCTIONS:
         args = bind_args(node, ("input", "pad", "mode", "value"))
-        if args.get("mode", "constant") != "constant" or not isinstance(args["input"], Node):
+        if args.get("mode", "constant") != "constant" or not isinstance(args.get("input"), Node):
             return None
         pad = args["pad"]
         if not all(isinstance(p, int) for p in pad):
@@ -297,6 +322,8 @@ def constant_pad_view(gm: GraphModule, node: Node) -> ConstantPadView | None:
 
 def check_batchnorm(bn: BatchNormView, allow_training: bool) -> str | None:
     """Raise for BatchNorms that must not be canonized silently; return why one is left, or None."""
+    if bn.running_mean is None or bn.running_var is None:
+        return "track_running_stats=False: normalizes with batch statistics even in eval mode"
     if bn.training:
         if not allow_training:
             raise CanonizationError(
@@ -304,8 +331,8 @@ def check_batchnorm(bn: BatchNormView, allow_training: bool) -> str | None:
                 "(or pass allow_training=True to leave training-mode BatchNorms untouched)"
             )
         return "training mode: normalizes with batch statistics"
-    if bn.running_mean is None or bn.running_var is None:
-        return "track_running_stats=False: normalizes with batch statistics even in eval mode"
+    if not (isinstance(bn.eps, (int, float)) and math.isfinite(bn.eps) and bn.eps >= 0):
+        raise CanonizationError(f"BatchNorm {bn.name!r} has eps={bn.eps}: it must be a finite number >= 0")
     for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
                           ("weight", bn.weight), ("bias", bn.bias)):
         if tensor is not None and not torch.isfinite(tensor).all():
@@ -320,6 +347,12 @@ _METADATA_ARG_METHODS = {"to", "type_as", "expand_as", "new_zeros", "new_ones", 
 _LIKE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
 
 
+def shape_holds(x: Tensor, rank: int, sizes: tuple[tuple[int, int], ...]) -> bool:
+    """True if ``x`` has rank ``rank`` and size ``n`` at every ``(dim, n)`` of ``sizes`` (the
+    condition of a guard, see ``fxcanon.guards``)."""
+    return x.dim() == rank and all(x.shape[d] == n for d, n in sizes)
+
+
 def reads_only_metadata(node: Node, value: Node) -> bool:
     """True if ``node`` uses ``value`` only for its shape, dtype or device (``x.size(0)``,
     ``c.to(x)``, ``torch.zeros_like(x)``): such uses are unaffected by folding ``value``'s producer."""
@@ -327,7 +360,7 @@ def reads_only_metadata(node: Node, value: Node) -> bool:
         return True
     if node.op == "call_method" and node.target in _METADATA_ARG_METHODS:
         return node.args[0] is not value
-    if node.op == "call_function" and node.target in _LIKE_FUNCTIONS:
+    if node.op == "call_function" and (node.target in _LIKE_FUNCTIONS or node.target is shape_holds):
         return True
     return (node.op == "call_function" and node.target is getattr
             and len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device"))
@@ -339,8 +372,8 @@ _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
 def relu_input(gm: GraphModule, node: Node) -> Node | None:
     """The input of ``node`` if it is a plain ReLU (module, function or method), else None."""
     if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU:
-        return node.args[0]
+        return call_input(node)
     if (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or \
             (node.op == "call_method" and node.target in ("relu", "relu_")):
-        return node.args[0] if node.args else node.kwargs.get("input")
+        return call_input(node)
     return None

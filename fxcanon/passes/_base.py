@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase
 
+from ..affine import Guard
 from ..folders import Affine, GraphFolder, ModuleFolder
+from ..guards import insert_guard
 from ..report import Entry, Report
-from ..views import BatchNormView, batchnorm_view
+from ..views import BatchNormView, batchnorm_view, has_hooks
 
 
 class CanonizationPass(PassBase):
@@ -25,6 +27,15 @@ class CanonizationPass(PassBase):
         self.allow_training = allow_training
         self.folder = folder if folder is not None else ModuleFolder()
 
+    def guard(self, gm: GraphModule, value: Node, guard: Guard | None, before: Node, bn: BatchNormView,
+              entry: Entry) -> None:
+        """Check ``guard`` on ``value`` at call time and say so in the report. Not in ``torch.compile``
+        graphs (``folder.graph_params``): Dynamo already guards ranks and sizes of its graphs."""
+        if guard is None or self.folder.graph_params:
+            return
+        insert_guard(gm, value, guard, before, bn.name)
+        entry.guards.append(guard.describe())
+
     def batchnorms(self, gm: GraphModule, reverse: bool = False) -> Iterator[tuple[BatchNormView, Entry, Affine]]:
         """Each foldable BatchNorm with its report entry and affine map; others are reported.
 
@@ -37,6 +48,9 @@ class CanonizationPass(PassBase):
             if bn is None:
                 continue
             entry = self.report.entry(node.name, bn.name)
+            if has_hooks(bn.module):
+                entry.left_reason = "has forward hooks (folding it would drop them)"
+                continue
             affine = self.folder.affine(gm, bn, self.allow_training)
             if isinstance(affine, str):
                 entry.left_reason = affine

@@ -3,76 +3,89 @@
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..affine import PROBE_KEY
 from ..modules import Sum
+from ..mutation import returns_fresh
 from ..rewrite import finish, replace_with_module
+from ..views import get_attr_value
 from ._base import CanonizationPass
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_NON_TENSOR_METHODS = {"size", "dim", "numel", "item", "tolist", "__len__"}
+# ops whose result is floating when their tensor arguments are
+_DTYPE_KEEPING = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.getitem,
+                  torch.add, torch.sub, torch.mul, torch.relu, torch.sigmoid, torch.tanh, torch.flatten, torch.cat,
+                  torch.mean, torch.sum, F.relu, F.silu, F.gelu, F.hardswish, F.sigmoid, F.hardsigmoid, F.dropout,
+                  F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d, F.pad, F.interpolate}
+_DTYPE_KEEPING_METHODS = {"add", "sub", "mul", "relu", "sigmoid", "view", "reshape", "flatten", "permute",
+                          "transpose", "contiguous", "mean", "sum", "squeeze", "unsqueeze", "expand", "expand_as"}
 
 
-def _is_computed_tensor(node: object) -> bool:
-    """True if ``node`` is a tensor computed by the graph (not a constant, parameter or size)."""
-    if not isinstance(node, Node) or node.op in ("get_attr", "output"):
-        return False
-    meta = node.meta.get("tensor_meta")
-    if meta is not None:
-        return hasattr(meta, "shape")
-    if "fxcanon_value" in node.meta:
-        return False
-    if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
-        return False
-    if node.op == "call_function":
-        if node.target is getattr:
+class _Floating:
+    """Whether a node is a floating-point tensor: recorded dtype, else from what computes it
+    (layers with floating weights, and ops that keep their floating inputs floating)."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm, self.memo = gm, {}
+
+    def __call__(self, node: Any) -> bool:
+        if not isinstance(node, Node):
             return False
-        if node.target is operator.getitem:
-            return _is_computed_tensor(node.args[0])
-        if node.target in vars(operator).values():
-            return any(_is_computed_tensor(arg) for arg in node.args)
-    return True
+        if node not in self.memo:
+            self.memo[node] = False  # cycles cannot occur; this only stops re-entry
+            self.memo[node] = self._decide(node)
+        return self.memo[node]
+
+    def _decide(self, node: Node) -> bool:
+        meta = node.meta.get("tensor_meta")
+        if hasattr(meta, "dtype"):
+            return meta.dtype.is_floating_point
+        args = node.all_input_nodes
+        if node.op == "get_attr":
+            value = get_attr_value(self.gm, node.target)
+            return isinstance(value, torch.Tensor) and value.is_floating_point()
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if any(t.is_floating_point() for t in [*module.parameters(), *module.buffers()]):
+                return True
+            return bool(args) and all(self(a) for a in args)
+        keeps = (node.op == "call_function" and node.target in _DTYPE_KEEPING) or \
+            (node.op == "call_method" and node.target in _DTYPE_KEEPING_METHODS)
+        return keeps and bool(args) and all(self(a) for a in args)
 
 
-def _same_shapes(a: Node, b: Node) -> bool:
-    """True if ``a`` and ``b`` had equal shapes in every recorded run (the example inputs and the
-    grown-size probe): equal at one size only may still broadcast at another."""
-    meta = [n.meta.get("tensor_meta") for n in (a, b)]
-    if not all(hasattr(m, "shape") for m in meta) or meta[0].shape != meta[1].shape:
+def _inplace_add_is_safe(gm: GraphModule, node: Node) -> bool:
+    """``a += b`` may become ``Sum`` (a new tensor) only if nothing can see that ``a`` changed:
+    ``a`` is a fresh tensor of the graph (not an input) read by nothing after the addition and
+    viewed by nothing."""
+    a = node.args[0]
+    if not isinstance(a, Node) or a.op == "placeholder" or not returns_fresh(gm, a):
         return False
-    probes = [n.meta.get(PROBE_KEY) for n in (a, b)]
-    return all(p is None for p in probes) or (None not in probes and probes[0][0] == probes[1][0])
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return all(user is node or (order[user] < order[node] and returns_fresh(gm, user)) for user in a.users)
 
 
-def _used_later(value: Node, node: Node) -> bool:
-    """True if ``value`` is read after ``node`` (an in-place add there would have changed it)."""
-    later = set()
-    for n in node.graph.nodes:
-        if n is node:
-            later = {node}
-        elif later:
-            later.add(n)
-    return any(user in later and user is not node for user in value.users)
-
-
-def _summands(node: Node) -> tuple[Node, Node] | None:
-    if node.op == "call_function" and node.target is operator.iadd and _used_later(node.args[0], node):
+def _summands(gm: GraphModule, node: Node, floating: _Floating) -> tuple[Node, Node] | None:
+    """``(a, b)`` for an addition of two floating tensors of the same dtype, else None."""
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
+        (node.op == "call_method" and node.target == "add")
+    if not is_add or len(node.args) != 2 or node.kwargs:
         return None
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        if len(node.args) == 2 and not node.kwargs:
-            a, b = node.args
-            return (a, b) if _is_computed_tensor(a) and _is_computed_tensor(b) else None
-    if node.op == "call_method" and node.target == "add" and len(node.args) == 2 and not node.kwargs:
-        a, b = node.args
-        return (a, b) if _is_computed_tensor(a) and _is_computed_tensor(b) else None
-    return None
+    if node.target is operator.iadd and not _inplace_add_is_safe(gm, node):
+        return None
+    a, b = node.args
+    if not (floating(a) and floating(b)):
+        return None
+    dtypes = [getattr(n.meta.get("tensor_meta"), "dtype", None) for n in (a, b)]
+    return (a, b) if dtypes[0] == dtypes[1] else None
 
 
-def _reduced(node: Node) -> tuple[Node, int] | None:
+def _reduced(node: Node, floating: _Floating) -> tuple[Node, int] | None:
     """``(x, dim)`` for ``x.sum(dim)`` / ``torch.sum(x, dim)`` over one dimension, else None."""
     if not ((node.op == "call_method" and node.target == "sum") or
             (node.op == "call_function" and node.target is torch.sum)):
@@ -83,7 +96,7 @@ def _reduced(node: Node) -> tuple[Node, int] | None:
     if isinstance(dim, (tuple, list)) and len(dim) == 1:
         dim = dim[0]
     if not isinstance(dim, int) or args.get("keepdim", False) or set(args) - {"input", "dim", "keepdim"} \
-            or not _is_computed_tensor(args["input"]):
+            or not floating(args["input"]):
         return None
     return args["input"], dim
 
@@ -91,9 +104,9 @@ def _reduced(node: Node) -> tuple[Node, int] | None:
 class ExplicitSums(CanonizationPass):
     """Sums as explicit ``Sum`` modules (summing over the last dimension), function unchanged:
 
-    * ``a + b`` of two tensors computed by the graph -> ``Sum()(torch.stack([a, b], -1))``
-      (with ``torch.broadcast_tensors`` first unless the shapes were equal in every recorded run); ``x + 1``,
-      additions of parameters and size arithmetic stay;
+    * ``a + b`` of two floating tensors of one dtype -> ``Sum()(torch.stack(torch.broadcast_tensors(a, b), -1))``,
+      the same at every shape (broadcasting included); ``x + 1``, integer and boolean tensors, mixed
+      dtypes and size arithmetic stay; ``a += b`` only where nothing else sees ``a`` change;
     * ``x.sum(dim)`` over one dimension (sum pooling, e.g. a Relation Network's sum over pairs)
       -> ``Sum()(x.movedim(dim, -1))``.
 
@@ -103,15 +116,16 @@ class ExplicitSums(CanonizationPass):
     def call(self, graph_module: GraphModule) -> PassResult:
         graph = graph_module.graph
         modified = False
+        floating = _Floating(graph_module)
         for node in list(graph.nodes):
-            summands, reduced = _summands(node), _reduced(node)
+            summands, reduced = _summands(graph_module, node, floating), _reduced(node, floating)
             if summands is None and reduced is None:
                 continue
             with graph.inserting_before(node):
                 if reduced is not None:
                     stacked = graph.call_method("movedim", (reduced[0], reduced[1], -1))
                 else:
-                    values = list(summands) if _same_shapes(*summands) else graph.call_function(torch.broadcast_tensors, summands)
+                    values = graph.call_function(torch.broadcast_tensors, summands)
                     stacked = graph.call_function(torch.stack, (values, -1))
             replace_with_module(graph_module, node, Sum(), (stacked,), "sum")
             modified = True

@@ -7,6 +7,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import BackwardFold, backward_fold
+from ..mutation import fold_hazard
 from ..rewrite import finish
 from ._base import CanonizationPass
 
@@ -30,11 +31,16 @@ class FoldBatchNormBackward(CanonizationPass):
             plan = backward_fold(graph_module, bn, affine.scale, self.folder.graph_params)
             if isinstance(plan, BackwardFold) and not all(self.folder.supports_sink(k) for k in plan.sinks):
                 plan = "a consumer's kind is not supported here"
+            if isinstance(plan, BackwardFold):
+                hazard = fold_hazard(graph_module, (bn.node, *(k.view.node for k in plan.sinks)), bn.node, bn.input,
+                                     bn.node)
+                plan = hazard if hazard is not None else plan
             if not isinstance(plan, BackwardFold):
                 if not entry.folds:
                     entry.left_reason = f"{entry.left_reason}; not before a layer: {plan}" if entry.left_reason \
                         else plan
                 continue
+            self.guard(graph_module, bn.input, plan.guard, bn.node, bn, entry)
             for user in plan.rewired:
                 user.replace_input_with(bn.node, bn.input)
             for sink in plan.sinks:

@@ -6,8 +6,10 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import ForwardFold, forward_fold
+from ..mutation import fold_hazard
 from ..report import FORWARD, Fold
 from ..rewrite import finish
+from ..views import call_input
 from ._base import CanonizationPass
 
 
@@ -24,6 +26,9 @@ class FoldBatchNormForward(CanonizationPass):
         modified = False
         for bn, entry, affine in self.batchnorms(graph_module):
             plan = forward_fold(graph_module, bn, self.folder.graph_params)
+            if isinstance(plan, ForwardFold):
+                hazard = fold_hazard(graph_module, (bn.node, plan.producer.node))
+                plan = hazard if hazard is not None else plan
             if not isinstance(plan, ForwardFold) or not self.folder.supports(plan.producer):
                 if not entry.folds:
                     entry.left_reason = f"not after a layer: {plan if isinstance(plan, str) else 'unsupported'}"
@@ -31,6 +36,7 @@ class FoldBatchNormForward(CanonizationPass):
             fused = self.folder.fold_output(graph_module, plan, affine)
             bn.node.replace_all_uses_with(fused)
             graph_module.graph.erase_node(bn.node)
+            self.guard(graph_module, call_input(fused), plan.guard, fused, bn, entry)
             entry.folds.append(Fold(fused.name, FORWARD))
             entry.left_reason = None
             modified = True

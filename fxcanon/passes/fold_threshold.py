@@ -10,8 +10,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import BackwardFold, backward_fold
 from ..report import THRESHOLD
+from ..mutation import fold_hazard
 from ..rewrite import finish
-from ..views import relu_input
+from ..views import has_hooks, relu_input
 from ._base import CanonizationPass
 
 
@@ -33,15 +34,22 @@ class FoldBatchNormThroughReLU(CanonizationPass):
             if len(users) != 1 or relu_input(graph_module, users[0]) is not bn.node:
                 continue
             relu = users[0]
+            if relu.op == "call_module" and has_hooks(graph_module.get_submodule(relu.target)):
+                continue
             plan = backward_fold(graph_module, dataclasses.replace(bn, node=relu, input=bn.node), affine.scale,
                                  self.folder.graph_params)
             if isinstance(plan, BackwardFold) and not all(self.folder.supports_sink(k) for k in plan.sinks):
                 plan = "a consumer's kind is not supported here"
+            if isinstance(plan, BackwardFold):
+                hazard = fold_hazard(graph_module, (bn.node, relu, *(k.view.node for k in plan.sinks)), relu,
+                                     bn.input, bn.node, ignore=(relu,))
+                plan = hazard if hazard is not None else plan
             if not isinstance(plan, BackwardFold) or plan.left_reason is not None:
                 reason = plan if isinstance(plan, str) else plan.left_reason
                 if "after its ReLU" not in (entry.left_reason or ""):
                     entry.left_reason = f"{entry.left_reason}; after its ReLU: {reason}"
                 continue
+            self.guard(graph_module, bn.input, plan.guard, bn.node, bn, entry)
             threshold, shift = self.folder.threshold(graph_module, bn, relu, affine)
             threshold.meta = dict(relu.meta)
             for user in plan.rewired:

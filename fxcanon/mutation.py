@@ -1,0 +1,187 @@
+"""Alias and mutation analysis: which values a graph may change in place, and where.
+
+A fold moves reads: after a backward fold the BatchNorm's users read its *input*, later in the
+program than the BatchNorm did, and layout ops on the path produce views of that input instead
+of views of a fresh tensor. Both are exact only when no in-place op changes those tensors. This
+analysis is conservative: any op not known to return a fresh tensor may return a view of its
+tensor arguments, and every graph input may alias every other one.
+
+In-place spellings recognised: ``x.op_()`` methods and ``torch.op_`` functions, ``inplace=True``
+(functional or module attribute), ``operator.i*`` augmented assignment, ``out=`` arguments and
+``operator.setitem`` / ``__setitem__``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+_AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+              operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+              operator.imatmul, operator.setitem}
+_SETITEM_METHODS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
+# methods whose name ends in "_" without changing data
+_NOT_MUTATING_METHODS = {"requires_grad_", "retain_grad_", "share_memory_", "pin_memory_"}
+
+# ops that return a new tensor (never a view of an argument)
+_FRESH_FUNCTIONS: set[Any] = {
+    torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+    torch.conv_transpose3d, F.linear, F.batch_norm, torch.batch_norm, F.layer_norm, F.group_norm,
+    torch.cat, torch.concat, torch.stack, torch.clone, torch.add, torch.sub, torch.mul, torch.div, torch.matmul,
+    torch.sum, torch.mean, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.zeros_like, torch.ones_like,
+    torch.empty_like, torch.full_like, torch.maximum, torch.minimum, torch.where, F.pad, torch._C._nn.pad,
+    F.interpolate, F.softmax, F.gelu, F.silu, F.hardswish, F.sigmoid, F.hardsigmoid,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg, operator.matmul,
+    operator.pow, operator.mod,
+}
+_FRESH_METHODS = {"clone", "add", "sub", "mul", "div", "matmul", "sum", "mean", "relu", "sigmoid", "tanh", "exp",
+                  "neg", "pow", "new_zeros", "new_ones", "new_full", "new_empty", "softmax"}
+_FRESH_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                  nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                  nn.modules.pooling._AdaptiveMaxPoolNd, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Softmax, nn.Embedding)
+
+
+def _inplace_flag(target: Any, node: Node) -> bool:
+    """True if a functional call passes ``inplace=True`` (by keyword or position)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return False
+    if "inplace" not in names:
+        return False
+    index = names.index("inplace")
+    return len(node.args) > index and node.args[index] is True
+
+
+def mutated_args(gm: GraphModule, node: Node) -> list[Node]:
+    """The argument nodes that ``node`` changes in place (empty for out-of-place ops)."""
+    targets: list[Any] = []
+    if isinstance(node.kwargs.get("out"), (Node, tuple, list)):
+        targets.append(node.kwargs["out"])
+    first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    if node.op == "call_method":
+        name = str(node.target)
+        if name in _SETITEM_METHODS or (name.endswith("_") and not name.endswith("__")
+                                        and name not in _NOT_MUTATING_METHODS):
+            targets.append(first)
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if node.target in _AUGMENTED or (name.endswith("_") and not name.endswith("__")
+                                         and name not in _NOT_MUTATING_METHODS) or _inplace_flag(node.target, node):
+            targets.append(first)
+    elif node.op == "call_module" and getattr(gm.get_submodule(str(node.target)), "inplace", False) is True:
+        targets.append(first)
+    found: list[Node] = []
+    map_arg(targets, lambda n: found.append(n) or n)
+    return found
+
+
+def returns_fresh(gm: GraphModule, node: Node) -> bool:
+    """True if ``node`` returns a tensor that aliases none of its arguments."""
+    if node.op in ("get_attr", "output"):
+        return True
+    if mutated_args(gm, node):
+        return False
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _FRESH_METHODS
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return isinstance(module, _FRESH_MODULES) or (isinstance(module, nn.ReLU) and not module.inplace)
+    return False
+
+
+class AliasAnalysis:
+    """May-alias classes of a graph's values and the nodes that mutate each class in place."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self._parent: dict[Node, Node] = {}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for other in placeholders[1:]:  # a caller may pass one tensor twice
+            self._union(placeholders[0], other)
+        attributes: dict[Any, Node] = {}
+        for node in gm.graph.nodes:  # one tensor read twice
+            if node.op == "get_attr":
+                self._union(node, attributes.setdefault(node.target, node))
+        for node in gm.graph.nodes:
+            if not returns_fresh(gm, node):
+                for arg in node.all_input_nodes:
+                    self._union(node, arg)
+        self.mutators: dict[Node, list[Node]] = {}
+        for node in gm.graph.nodes:
+            for arg in mutated_args(gm, node):
+                self.mutators.setdefault(self._find(arg), []).append(node)
+
+    def _find(self, node: Node) -> Node:
+        root = node
+        while self._parent.get(root, root) is not root:
+            root = self._parent[root]
+        self._parent[node] = root
+        return root
+
+    def _union(self, a: Node, b: Node) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra is not rb:
+            self._parent[ra] = rb
+
+    def mutated_attributes(self) -> set[str]:
+        """Targets of ``get_attr`` tensors (parameters, buffers) that the graph changes in place."""
+        roots = set(self.mutators)
+        return {str(n.target) for n in self.order if n.op == "get_attr" and self._find(n) in roots}
+
+    def mutations(self, value: Node, after: Node | None = None, ignore: Iterable[Node] = ()) -> list[Node]:
+        """Nodes that change ``value`` or anything that may alias it in place (only those after
+        ``after`` in program order when given), except the nodes in ``ignore``."""
+        skip = set(ignore)
+        start = -1 if after is None else self.order.get(after, -1)
+        return [m for m in self.mutators.get(self._find(value), [])
+                if m not in skip and self.order.get(m, len(self.order)) > start]
+
+
+def _reads_attribute(node: Node, attributes: set[str]) -> bool:
+    """True if ``node`` calls a module, or reads a ``get_attr`` tensor, named in ``attributes``."""
+    if node.op == "call_module" and any(a == node.target or a.startswith(f"{node.target}.") for a in attributes):
+        return True
+    return any(arg.op == "get_attr" and arg.target in attributes for arg in node.all_input_nodes)
+
+
+def fold_hazard(gm: GraphModule, calls: Iterable[Node], output: Node | None = None, source: Node | None = None,
+                read_at: Node | None = None, ignore: Iterable[Node] = ()) -> str | None:
+    """Why a fold is not exact in the presence of in-place ops, or None.
+
+    ``calls`` are the BatchNorm and layer calls whose parameters the fold bakes in: the graph must
+    not change those parameters. A backward fold removes ``output`` (the BatchNorm's or its ReLU's)
+    and makes its users read ``source`` (the BatchNorm's input, first read at ``read_at``) instead:
+    nothing may change ``output`` in place (``ignore``: the folded in-place ReLU itself), nor
+    ``source`` after ``read_at``.
+    """
+    aliases = AliasAnalysis(gm)
+    if output is not None:
+        changed = aliases.mutations(output, ignore=ignore)
+        if changed:
+            return f"{changed[0].name} changes {output.name} (or a view of it) in place"
+    if source is not None:
+        changed = aliases.mutations(source, after=read_at)
+        if changed:
+            return f"{changed[0].name} changes {source.name} (or a view of it) in place after it is read"
+    attributes = aliases.mutated_attributes()
+    for call in calls:
+        if attributes and _reads_attribute(call, attributes):
+            return f"the graph changes parameters of {call.name} in place"
+    return None

@@ -1,0 +1,454 @@
+"""Never a wrong model: in-place ops, hooks, pads between norms, ranks and sizes, sharing, keyword
+calls, unread BatchNorms and bad input. Each case computed a different function before."""
+
+import copy
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Graph, GraphModule, symbolic_trace
+
+from fxcanon import CanonizationError, canonicalize, get_report
+from fxcanon.equivalence import randomize_batchnorms, relative_error
+from fxcanon.modules import Sum
+
+D = torch.float64
+
+
+def prepared(model, seed=0):
+    return randomize_batchnorms(model, seed).eval().double()
+
+
+def assert_same(model, gm, *inputs):
+    with torch.no_grad():
+        expected = model(*copy.deepcopy(inputs))
+        got = gm(*copy.deepcopy(inputs))
+    assert relative_error(got, expected) < 1e-12
+
+
+def left_reason(gm, name):
+    return get_report(gm).entries[name].left_reason or ""
+
+
+# --- pads between norms ----------------------------------------------------------------------------
+
+class PadBetweenNorms(nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.bn0, self.bn1, self.conv = nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)
+        self.value = value
+
+    def forward(self, x):
+        return self.conv(self.bn1(F.pad(self.bn0(x), (1, 1, 1, 1), value=self.value)))
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5])
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_pad_between_two_batchnorms(value, with_inputs):
+    model = prepared(PadBetweenNorms(value))
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    gm = canonicalize(model, (x,) if with_inputs else None)
+    assert not get_report(gm).left
+    for shape in [(2, 3, 5, 5), (1, 3, 2, 7), (3, 3, 1, 1)]:
+        assert_same(model, gm, torch.randn(shape, dtype=D))
+
+
+# --- in-place ops ----------------------------------------------------------------------------------
+
+class InplaceOnInput(nn.Module):
+    """An in-place ReLU on the BatchNorm's input after the BatchNorm read it (issue case 2a)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.relu = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        self.conv2, self.conv3 = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        y = self.bn(h)
+        z = self.relu(h)
+        return self.conv2(y) + self.conv3(z)
+
+
+class InplaceOnOutput(nn.Module):
+    def __init__(self, mutate):
+        super().__init__()
+        self.bn, self.conv, self.mutate = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3), mutate
+
+    def forward(self, x):
+        y = self.bn(x)
+        self.mutate(y, x)
+        return self.conv(y)
+
+
+MUTATIONS = {
+    "relu_": lambda y, x: y.relu_(),
+    "add_": lambda y, x: y.add_(1.0),
+    "view_mul_": lambda y, x: y.view(-1).mul_(2.0),
+    "out=": lambda y, x: torch.mul(x, 2.0, out=y),
+    "functional_inplace": lambda y, x: F.relu(y, inplace=True),
+    "torch_relu_": lambda y, x: torch.relu_(y),
+    "index_fill_": lambda y, x: y.index_fill_(1, torch.tensor([0]), 0.0),
+}
+
+
+def test_inplace_relu_on_the_batchnorm_input():
+    model = prepared(InplaceOnInput())
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    gm = canonicalize(model, (x,))
+    assert_same(model, gm, x)
+    assert "in place" in left_reason(gm, "bn")
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_inplace_ops_on_the_batchnorm_output(name, with_inputs):
+    model = prepared(InplaceOnOutput(MUTATIONS[name]))
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    gm = canonicalize(model, (x,) if with_inputs else None)
+    assert_same(model, gm, x)
+    assert "in place" in left_reason(gm, "bn")
+
+
+def _graph_with(op):
+    """``conv(bn(x))`` with ``op(bn_out)`` (an in-place node as Dynamo writes it) between them."""
+    root = nn.Module()
+    root.bn, root.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3)
+    graph = Graph()
+    x = graph.placeholder("x")
+    y = graph.call_module("bn", (x,))
+    op(graph, y)
+    graph.output(graph.call_module("conv", (y,)))
+    return prepared(GraphModule(root, graph))
+
+
+@pytest.mark.parametrize("op", [
+    lambda g, y: g.call_function(operator.setitem, (y, (slice(None), 0), 0.0)),
+    lambda g, y: g.call_function(operator.imul, (y, 2.0)),
+    lambda g, y: g.call_method("__setitem__", (y, 0, 1.0)),
+], ids=["setitem", "imul", "__setitem__"])
+def test_inplace_nodes_in_graphs(op):
+    model = _graph_with(op)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    gm = canonicalize(model)
+    assert_same(model, gm, x)
+    assert "in place" in left_reason(gm, "bn")
+
+
+class MutatesInputLater(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3)
+
+    def forward(self, x):
+        x = x * 1.0
+        y = self.bn(x)
+        x.mul_(3.0)
+        return self.conv(y)
+
+
+def test_batchnorm_input_changed_after_it_was_read():
+    model = prepared(MutatesInputLater())
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    gm = canonicalize(model)
+    assert_same(model, gm, x)
+
+
+class ThresholdWithInplace(nn.Module):
+    """BN -> ReLU(inplace) -> conv folds; an in-place op after the ReLU must stop it."""
+
+    def __init__(self, mutate):
+        super().__init__()
+        self.bn, self.relu, self.conv, self.mutate = nn.BatchNorm2d(3), nn.ReLU(inplace=True), nn.Conv2d(3, 2, 1), \
+            mutate
+
+    def forward(self, x):
+        r = self.relu(self.bn(x))
+        if self.mutate:
+            r.mul_(2.0)
+        return self.conv(r)
+
+
+@pytest.mark.parametrize("mutate", [False, True])
+def test_threshold_fold_and_inplace_relu(mutate):
+    model = prepared(nn.Sequential(nn.Conv2d(3, 3, 1), ThresholdWithInplace(mutate)))
+    model[0] = nn.Identity()  # the BatchNorm has no producer: only the threshold fold can take it
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    gm = canonicalize(model, (x,))
+    assert_same(model, gm, x)
+    assert bool(get_report(gm).left) == mutate
+
+
+def test_graph_changing_a_batchnorm_statistic_in_place():
+    root = nn.Module()
+    root.bn, root.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3)
+    graph = Graph()
+    x = graph.placeholder("x")
+    stat = graph.get_attr("bn.running_mean")
+    graph.call_method("add_", (stat, 1.0))
+    graph.output(graph.call_module("conv", (graph.call_module("bn", (x,)),)))
+    model = prepared(GraphModule(root, graph))
+    gm = canonicalize(model)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    for _ in range(2):  # the statistic moves on every call, in both models alike
+        assert_same(model, gm, x)
+    assert "in place" in left_reason(gm, "bn")
+
+
+# --- hooks -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["bn_forward", "conv_forward", "sink_pre", "flatten", "relu"])
+def test_modules_with_hooks_are_not_folded_away(where):
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4),
+                                   nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2)))
+    calls = []
+
+    def double(module, args, out=None):
+        calls.append(module)
+        return (args[0] * 2,) if out is None else out * 2
+
+    index = {"bn_forward": 1, "conv_forward": 0, "sink_pre": 7, "flatten": 6, "relu": 2}[where]
+    if where == "sink_pre":
+        model[index].register_forward_pre_hook(double)
+    else:
+        model[index].register_forward_hook(double)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    gm = canonicalize(model, (x,))
+    calls.clear()
+    assert_same(model, gm, x)
+    assert len(calls) == 2  # the original's call and the canonized model's
+
+
+def test_global_forward_hooks_stop_every_fold():
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
+    try:
+        gm = canonicalize(model)
+    finally:
+        handle.remove()
+    assert "hooks" in left_reason(gm, "_1")
+
+
+# --- ranks and sizes -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+@pytest.mark.parametrize("layers", ["linear_bn", "bn_linear"])
+def test_batchnorm1d_folds_guard_the_rank(layers, with_inputs):
+    parts = [nn.Linear(5, 5), nn.BatchNorm1d(5)]
+    model = prepared(nn.Sequential(*(parts if layers == "linear_bn" else parts[::-1])))
+    gm = canonicalize(model, (torch.randn(4, 5, dtype=D),) if with_inputs else None)
+    assert not get_report(gm).left and "rank == 2" in str(get_report(gm))
+    assert_same(model, gm, torch.randn(7, 5, dtype=D))
+    x = torch.randn(4, 5, 5, dtype=D)  # the original normalizes dim 1 here, a different function
+    model(x)
+    with pytest.raises(AssertionError, match="fxcanon: BatchNorm .* rank == 2"):
+        gm(x)
+
+
+@pytest.mark.parametrize("order", ["conv_bn", "bn_conv"])
+def test_unbatched_conv1d_input_raises_instead_of_a_different_result(order):
+    parts = [nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)]
+    model = prepared(nn.Sequential(*(parts if order == "conv_bn" else parts[::-1])))
+    gm = canonicalize(model, (torch.randn(2, 4, 4, dtype=D),))
+    assert_same(model, gm, torch.randn(3, 4, 9, dtype=D))
+    x = torch.randn(4, 4, dtype=D)
+    model(x)
+    with pytest.raises(AssertionError, match="rank == 3"):
+        gm(x)
+
+
+class ViewsChannelsAt1x1(nn.Module):
+    """``view(-1, C)`` keeps channels apart only at 1x1; the model accepts odd sizes only."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.linear = nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        torch._assert(x.shape[2] % 2 == 1, "odd sizes only")
+        return self.linear(self.bn(x).view(-1, 4))
+
+
+class AcceptsTwoSizes(ViewsChannelsAt1x1):
+    def forward(self, x):
+        torch._assert((x.shape[2] == 1) | (x.shape[2] == 5), "sizes 1 and 5 only")
+        return self.linear(self.bn(x).view(-1, 4))
+
+
+def test_layout_fold_checked_at_another_size_the_model_accepts():
+    model = prepared(ViewsChannelsAt1x1())
+    gm = canonicalize(model, (torch.randn(2, 4, 1, 1, dtype=D),))
+    assert_same(model, gm, torch.randn(2, 4, 3, 3, dtype=D))
+    assert "does not map to one input column" in left_reason(gm, "bn")
+
+
+def test_layout_fold_seen_at_one_size_only_is_guarded():
+    model = prepared(AcceptsTwoSizes())
+    gm = canonicalize(model, (torch.randn(2, 4, 1, 1, dtype=D),))
+    assert_same(model, gm, torch.randn(5, 4, 1, 1, dtype=D))
+    assert "dim 2 == 1" in str(get_report(gm))
+    with pytest.raises(AssertionError, match="fxcanon"):
+        gm(torch.randn(2, 4, 5, 5, dtype=D))
+
+
+# --- sharing with the caller ------------------------------------------------------------------------
+
+def _storages(module):
+    return {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()] if t.numel()}
+
+
+def test_canonized_model_shares_nothing_with_the_caller():
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                   nn.Flatten(), nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False).train()))
+    for traced in (False, True):
+        gm = canonicalize(symbolic_trace(model) if traced else model, allow_training=True)
+        assert not _storages(gm) & _storages(model)
+        before = copy.deepcopy(model.state_dict())
+        with torch.no_grad():
+            for p in gm.parameters():
+                p.add_(1.0)
+        gm(torch.randn(3, 3, 6, 6, dtype=D))  # the kept training-mode BatchNorm moves its own statistics
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_module_used_twice_stays_one_module_in_the_copy():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.PReLU()
+
+        def forward(self, x):
+            return self.act(self.act(x))
+
+    gm = canonicalize(Twice())
+    assert gm.act is not None and sum(1 for _ in gm.modules()) == 2
+
+
+# --- explicit sums ---------------------------------------------------------------------------------
+
+class AddsBroadcast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x) + x.mean(1, keepdim=True)
+
+
+def test_sums_broadcast_at_every_size():
+    model = AddsBroadcast().double()
+    gm = canonicalize(model, (torch.randn(1, 1, 4, dtype=D),))
+    assert any(isinstance(m, Sum) for m in gm.modules())
+    for shape in [(3, 1, 4), (3, 5, 4), (1, 1, 4)]:
+        assert_same(model, gm, torch.randn(shape, dtype=D))
+
+
+class IntegerAdds(nn.Module):
+    def forward(self, a, b):
+        return (a > 0) + (b > 0), a.to(torch.uint8) + b.to(torch.uint8), a + a.nelement(), a.float() + b
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_only_floating_additions_of_one_dtype_become_sums(with_inputs):
+    model = IntegerAdds()
+    a, b = torch.randn(3, 4, dtype=D) * 300, torch.randn(3, 4, dtype=D) * 300
+    gm = canonicalize(model, (a, b) if with_inputs else None)
+    assert not any(isinstance(m, Sum) for m in gm.modules())
+    for got, expected in zip(gm(a, b), model(a, b)):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+# --- keyword calls ---------------------------------------------------------------------------------
+
+class KeywordCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.relu, self.conv = nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3)
+        self.bn2, self.conv2 = nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(input=F.pad(input=self.relu(input=self.bn(input=x)), pad=(1, 1, 1, 1)))
+        return self.conv2(input=self.bn2(input=y))
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_keyword_calls(with_inputs):
+    model = prepared(KeywordCalls())
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    gm = canonicalize(model, (x,) if with_inputs else None)
+    assert_same(model, gm, x)
+    assert not get_report(gm).left
+
+
+# --- every BatchNorm is reported -------------------------------------------------------------------
+
+class ComputedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, training: bool = False):
+        return F.batch_norm(x, self.bn.running_mean, self.bn.running_var, self.bn.weight * 2, self.bn.bias,
+                            False, 0.1, 1e-5) + F.batch_norm(x, self.bn.running_mean, self.bn.running_var,
+                                                             training=training)
+
+
+class NativeBatchNorm(ComputedWeight):
+    def forward(self, x):
+        return torch.native_batch_norm(x, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var,
+                                       False, 0.1, 1e-5)[0]
+
+
+class LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, name):
+        return name == "1" or super().is_leaf_module(m, name)
+
+
+def test_every_batchnorm_appears_in_the_report():
+    assert len(get_report(canonicalize(symbolic_trace(ComputedWeight()).eval())).left) == 2
+    assert len(get_report(canonicalize(NativeBatchNorm().eval())).left) == 1
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))).eval()
+    traced = GraphModule(model, LeafTracer().trace(model))
+    assert [e.batchnorm for e in get_report(canonicalize(traced)).left] == ["1.1"]
+    split = torch.fx.passes.split_module.split_module(symbolic_trace(model), model, lambda node: 0)
+    assert len(get_report(canonicalize(split)).left) == 1
+
+
+def test_functional_batchnorm_without_running_statistics_is_left_with_the_reason():
+    class NoStats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return F.batch_norm(x, None, None, self.weight, None, True, 0.1, 1e-5)
+
+    gm = canonicalize(NoStats().eval())
+    assert "track_running_stats=False" in get_report(gm).left[0].left_reason
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), -1.0])
+def test_bad_eps_raises(eps):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=eps)).eval()
+    with pytest.raises(CanonizationError, match="eps"):
+        canonicalize(model)
+
+
+def test_example_inputs_are_not_changed():
+    class MutatesInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            x.mul_(2.0)
+            return self.bn(x)
+
+    x = torch.randn(2, 3, 4, 4)
+    before = x.clone()
+    canonicalize(MutatesInput().eval(), (x,))
+    assert torch.equal(x, before)
