@@ -1,6 +1,7 @@
 """Affine analysis: where a BatchNorm's map ``s * x + t`` can be folded. Reads the graph only.
 
-Forward: the BatchNorm's input is a linear layer's output used by nothing else.
+Forward: the BatchNorm's input is a linear layer's output used by nothing else (reads of its
+shape, rank, dtype or device, as in timm's ``_assert(x.ndim == 4)``, see the fused output alike).
 
 Backward: every use of the BatchNorm's output reaches a linear layer's *input* through ops that
 move or copy features without mixing them (view, permute, cat with other tensors, repeat,
@@ -137,7 +138,7 @@ def forward_fold(gm: GraphModule, bn: BatchNormView, graph_params: bool = False)
         return f"input {bn.input.name} is not a Linear/Conv/ConvTranspose layer"
     if has_hooks(producer.module):
         return f"{bn.input.name} has forward hooks"
-    if len(bn.input.users) != 1:
+    if any(user is not bn.node and not reads_only_metadata(user, bn.input) for user in bn.input.users):
         return f"output of {bn.input.name} has other users besides the BatchNorm"
     if producer.out_channels != bn.num_features:
         return f"{bn.input.name}: its output channels are not the BatchNorm's"

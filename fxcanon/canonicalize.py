@@ -105,17 +105,18 @@ def _grown(x: Any, batch: int, spatial: Callable[[int], int]) -> Any:
     return x
 
 
-# Other input sizes tried, in order: every one the model accepts must route features alike.
+# Other input sizes tried in order until the model accepts one; the last varies the batch only.
 _PROBES: tuple[tuple[int, Callable[[int], int]], ...] = (
     (1, lambda n: n + 1), (2, lambda n: n + 2), (1, lambda n: 2 * n), (1, lambda n: n),
 )
 
 
 def probe_sizes(gm: GraphModule, example_inputs: Sequence[Any]) -> int:
-    """Run ``gm`` on inputs grown along batch and spatial axes (see ``_PROBES``), recording sizes.
+    """Run ``gm`` once more at another batch and spatial size (the first of ``_PROBES`` the model
+    accepts), recording sizes.
 
-    Folds through layout ops then have to map features the same way at every size that ran, and
-    dimensions no run varied are guarded at call time (``fxcanon.guards``). Returns how many ran.
+    Folds through layout ops then have to map features the same way at both sizes, and dimensions
+    the probe did not vary are guarded at call time (``fxcanon.guards``). Returns how many ran (0, 1).
     """
     records: list[dict[Any, tuple[Any, Any]]] = []
     for batch, spatial in _PROBES:
@@ -126,6 +127,7 @@ def probe_sizes(gm: GraphModule, example_inputs: Sequence[Any]) -> int:
         except Exception:  # the model does not accept this size
             continue
         records.append(probe.records)
+        break
     for node in gm.graph.nodes:
         if records:
             node.meta[PROBE_KEY] = tuple(r[node] for r in records)

@@ -8,7 +8,8 @@ tensor arguments, and every graph input may alias every other one.
 
 In-place spellings recognised: ``x.op_()`` methods and ``torch.op_`` functions, ``inplace=True``
 (functional or module attribute), ``operator.i*`` augmented assignment, ``out=`` arguments and
-``operator.setitem`` / ``__setitem__``.
+``operator.setitem`` / ``__setitem__``. Leaf modules and wrapped functions of the user's own
+(code the graph does not show) may change any tensor they receive.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ _FRESH_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._Batc
                   nn.modules.pooling._AdaptiveMaxPoolNd, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Softmax, nn.Embedding)
 
 
+_LIBRARIES = ("torch", "torchvision", "operator", "_operator", "math", "builtins", "fxcanon")
+
+
+def _is_library(obj: Any) -> bool:
+    """True for torch's, torchvision's, Python's and fxcanon's own functions and modules, whose in-place
+    behaviour the rules above know; code of the user's that the graph calls opaquely may change
+    any tensor it receives."""
+    module = getattr(obj, "__module__", None) or "builtins"
+    return module.split(".")[0] in _LIBRARIES
+
+
 def _inplace_flag(target: Any, node: Node) -> bool:
     """True if a functional call passes ``inplace=True`` (by keyword or position)."""
     if node.kwargs.get("inplace") is True:
@@ -83,8 +95,14 @@ def mutated_args(gm: GraphModule, node: Node) -> list[Node]:
         if node.target in _AUGMENTED or (name.endswith("_") and not name.endswith("__")
                                          and name not in _NOT_MUTATING_METHODS) or _inplace_flag(node.target, node):
             targets.append(first)
-    elif node.op == "call_module" and getattr(gm.get_submodule(str(node.target)), "inplace", False) is True:
-        targets.append(first)
+    elif node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if getattr(module, "inplace", False) is True:
+            targets.append(first)
+        elif not _is_library(type(module)):  # a leaf module of the user's: its code is not in the graph
+            targets.extend(node.all_input_nodes)
+    if node.op == "call_function" and not _is_library(node.target):  # a wrapped function of the user's
+        targets.extend(node.all_input_nodes)
     found: list[Node] = []
     map_arg(targets, lambda n: found.append(n) or n)
     return found

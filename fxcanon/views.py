@@ -313,8 +313,8 @@ def constant_pad_view(gm: GraphModule, node: Node) -> ConstantPadView | None:
         args = bind_args(node, ("input", "pad", "mode", "value"))
         if args.get("mode", "constant") != "constant" or not isinstance(args.get("input"), Node):
             return None
-        pad = args["pad"]
-        if not all(isinstance(p, int) for p in pad):
+        pad = args.get("pad")
+        if not isinstance(pad, (tuple, list)) or not all(isinstance(p, int) for p in pad):
             return None
         return ConstantPadView(node, args["input"], tuple(pad), float(args.get("value") or 0.0))
     return None

@@ -452,3 +452,14 @@ def test_example_inputs_are_not_changed():
     before = x.clone()
     canonicalize(MutatesInput().eval(), (x,))
     assert torch.equal(x, before)
+
+
+def test_guarded_model_exports_and_compiles_in_one_graph():
+    model = prepared(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)))
+    gm = canonicalize(model)
+    assert get_report(gm).entries["_1"].guards
+    x = torch.randn(4, 5, dtype=D)
+    assert_same(model, torch.export.export(gm, (x,)).module(), x)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(gm)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0

@@ -8,27 +8,36 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
+from torchvision.ops import stochastic_depth
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..modules import Sum
 from ..mutation import returns_fresh
 from ..rewrite import finish, replace_with_module
-from ..views import get_attr_value
+from ..views import call_input, get_attr_value
 from ._base import CanonizationPass
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-# ops whose result is floating when their tensor arguments are
-_DTYPE_KEEPING = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.getitem,
-                  torch.add, torch.sub, torch.mul, torch.relu, torch.sigmoid, torch.tanh, torch.flatten, torch.cat,
-                  torch.mean, torch.sum, F.relu, F.silu, F.gelu, F.hardswish, F.sigmoid, F.hardsigmoid, F.dropout,
-                  F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d, F.pad, F.interpolate}
-_DTYPE_KEEPING_METHODS = {"add", "sub", "mul", "relu", "sigmoid", "view", "reshape", "flatten", "permute",
-                          "transpose", "contiguous", "mean", "sum", "squeeze", "unsqueeze", "expand", "expand_as"}
+# ops whose tensor results are floating when their tensor arguments are
+_DTYPE_KEEPING = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.getitem, torch.add, torch.sub,
+    torch.mul, torch.relu, torch.sigmoid, torch.tanh, torch.flatten, torch.cat, torch.concat, torch.stack,
+    torch.mean, torch.sum, torch.permute, torch.transpose, torch.reshape, torch.squeeze, torch.unsqueeze,
+    torch.narrow, torch.movedim, torch.chunk, torch.split, torch.clamp, torch.conv1d, torch.conv2d, torch.conv3d,
+    torch.batch_norm, F.linear, F.batch_norm, F.layer_norm, F.group_norm, F.relu, F.relu6, F.leaky_relu, F.elu,
+    F.silu, F.gelu, F.mish, F.hardswish, F.hardtanh, F.sigmoid, F.hardsigmoid, F.softmax, F.dropout, F.pad,
+    F.interpolate, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, stochastic_depth,
+}
+_DTYPE_KEEPING_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "view", "view_as", "reshape",
+                          "flatten", "permute", "transpose", "contiguous", "clone", "mean", "sum", "squeeze",
+                          "unsqueeze", "expand", "expand_as", "repeat", "narrow", "chunk", "split", "softmax"}
 
 
 class _Floating:
-    """Whether a node is a floating-point tensor: recorded dtype, else from what computes it
-    (layers with floating weights, and ops that keep their floating inputs floating)."""
+    """Whether a node is a floating-point tensor: its recorded dtype; else what computes it (layers
+    with floating weights, ops that keep floating inputs floating) or what consumes it (a layer's
+    input must be floating for the model to run at all)."""
 
     def __init__(self, gm: GraphModule) -> None:
         self.gm, self.memo = gm, {}
@@ -37,7 +46,7 @@ class _Floating:
         if not isinstance(node, Node):
             return False
         if node not in self.memo:
-            self.memo[node] = False  # cycles cannot occur; this only stops re-entry
+            self.memo[node] = False  # stops re-entry while deciding
             self.memo[node] = self._decide(node)
         return self.memo[node]
 
@@ -49,14 +58,18 @@ class _Floating:
         if node.op == "get_attr":
             value = get_attr_value(self.gm, node.target)
             return isinstance(value, torch.Tensor) and value.is_floating_point()
-        if node.op == "call_module":
-            module = self.gm.get_submodule(node.target)
-            if any(t.is_floating_point() for t in [*module.parameters(), *module.buffers()]):
-                return True
-            return bool(args) and all(self(a) for a in args)
-        keeps = (node.op == "call_function" and node.target in _DTYPE_KEEPING) or \
+        if node.op == "call_module" and self._has_floating_weights(node):
+            return True
+        keeps = node.op == "call_module" or (node.op == "call_function" and node.target in _DTYPE_KEEPING) or \
             (node.op == "call_method" and node.target in _DTYPE_KEEPING_METHODS)
-        return keeps and bool(args) and all(self(a) for a in args)
+        if keeps and args and all(self(a) for a in args):
+            return True
+        return any(user.op == "call_module" and self._has_floating_weights(user) and call_input(user) is node
+                   for user in node.users)
+
+    def _has_floating_weights(self, node: Node) -> bool:
+        module = self.gm.get_submodule(node.target)
+        return any(t.is_floating_point() for t in [*module.parameters(), *module.buffers()])
 
 
 def _inplace_add_is_safe(gm: GraphModule, node: Node) -> bool:
