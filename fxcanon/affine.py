@@ -29,27 +29,37 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .views import (PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view,
-                    has_hooks, linear_view, reads_only_metadata, tensor_rank)
+                    get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
 
 VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
 PROBE_KEY = "fxcanon_probe"  # per run at another input size: (shape or None, value)
 
 _CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
+# Ops that move or copy elements without mixing them (every output is one input element): they
+# commute with any per-channel affine map, and the feature ids say where each channel went.
+# flip/roll/index_select/pixel (un)shuffle/channel shuffle only reorder; nearest resampling copies.
 _MOVE_METHODS = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "movedim", "unsqueeze", "squeeze",
     "repeat", "expand", "expand_as", "contiguous", "clone", "narrow", "chunk", "split", "__getitem__",
+    "flip", "roll", "index_select", "view_as", "reshape_as", "swapaxes", "swapdims",
 }
 _MOVE_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.movedim, torch.unsqueeze, torch.squeeze,
     torch.cat, torch.concat, torch.stack, torch.narrow, torch.chunk, torch.split, torch.clone, torch.t,
-    operator.getitem,
+    operator.getitem, torch.flip, torch.roll, torch.index_select, torch.swapaxes, F.pixel_shuffle,
+    F.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
 }
 _MOVE_MODULES = (
-    nn.Flatten, nn.Unflatten, nn.Identity,
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
     nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
     nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
 )
+_RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
+_RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+# nearest resampling copies elements; linear, bilinear, bicubic, trilinear and area modes are
+# weighted sums whose weights add up to 1 at every output (an average, checked like pooling)
+_NEAREST_MODES = {"nearest", "nearest-exact"}
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 # ops whose other tensor arguments are data of their own (identity features)
 _JOINS = {torch.cat, torch.concat, torch.stack, "expand_as"}
@@ -250,6 +260,10 @@ class _ConePropagation:
             return _probe_record(node, self.probe)[1]
         if self.probe is None and VALUE_KEY in node.meta:
             return node.meta[VALUE_KEY]
+        if node.op == "get_attr":  # a constant index (index_select)
+            value = get_attr_value(self.gm, node.target)
+            if isinstance(value, Tensor) and not value.is_floating_point():
+                return value
         if joins and hasattr(node.meta.get("tensor_meta"), "shape"):
             return torch.full(self._meta_shape(node), -1.0, dtype=torch.float64)
         raise _Stop(f"{node.name}: mixes the BatchNorm's output with another tensor")
@@ -270,9 +284,10 @@ class _ConePropagation:
             out = run(*args, **kwargs)
         except Exception as error:  # the op does not accept the ids (e.g. symbolic sizes): do not follow
             raise _Stop(f"{node.name}: could not follow the features ({type(error).__name__})") from error
-        if kind == "average":
-            if not bool((run(*_squared(args), **kwargs) == out * out).all()):
+        if kind == "average":  # weights add up to 1 (up to rounding): equal ids in, the same id out
+            if not torch.allclose(run(*_squared(args), **kwargs), out * out, rtol=1e-12, atol=0.0):
                 raise _Stop(f"{node.name}: averages over different features")
+            out = out.round()
         elif kind == "max":
             if not bool((-run(*_negated(args), **kwargs) == out).all()):
                 raise _Stop(f"{node.name}: takes a maximum over different features")
@@ -306,6 +321,8 @@ class _ConePropagation:
                     else None
             if node.target in _AVERAGE_FUNCTIONS:
                 return "average" if bind_args(node, _AVG_POOL_ARGS).get("divisor_override") is None else None
+            if node.target in _RESAMPLE_FUNCTIONS:
+                return _resample_kind(bind_args(node, _INTERPOLATE_ARGS).get("mode", "nearest"))
             if node.target in _MAX_FUNCTIONS:
                 names = _ADAPTIVE_MAX_ARGS if "adaptive" in node.target.__name__ else _MAX_POOL_ARGS
                 return None if bind_args(node, names).get("return_indices", False) else "max"
@@ -316,9 +333,18 @@ class _ConePropagation:
                 return "move"
             if isinstance(module, _AVERAGE_MODULES):
                 return "average" if getattr(module, "divisor_override", None) is None else None
+            if isinstance(module, _RESAMPLE_MODULES):
+                return _resample_kind(module.mode)
             if isinstance(module, _MAX_MODULES) and not module.return_indices:
                 return "max"
         return None
+
+
+_INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+
+def _resample_kind(mode: Any) -> str | None:
+    return "move" if mode in _NEAREST_MODES else "average" if isinstance(mode, str) else None
 
 
 def _squared(args: tuple[Any, ...]) -> tuple[Any, ...]:

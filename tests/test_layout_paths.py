@@ -4,6 +4,7 @@ Hypothesis builds small networks from templates with random sizes and statistics
 templates must lose their BatchNorm and stay exact, negative ones must keep it and stay exact.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxcanon import canonicalize, get_report
-from fxcanon.equivalence import check_equivalence, randomize_batchnorms
+from fxcanon.equivalence import check_equivalence, randomize_batchnorms, relative_error
 from fxcanon.report import THRESHOLD, THROUGH_LAYOUT
 
 
@@ -189,3 +190,40 @@ def test_a_view_that_keeps_channels_only_at_the_traced_size_is_left():
     assert _batchnorms_left(gm)
     x = torch.randn(2, 4, 2, 2)
     assert torch.equal(gm(x), model(x))
+
+
+class PerChannelOp(nn.Module):
+    """BatchNorm -> an op that moves, copies or averages within channels -> conv."""
+
+    def __init__(self, op, out_channels=4):
+        super().__init__()
+        self.bn, self.op, self.conv = nn.BatchNorm2d(4), op, nn.Conv2d(out_channels, 3, 3, padding=1)
+        self.register_buffer("index", torch.tensor([3, 0, 0, 2]))
+
+    def forward(self, x):
+        y = self.bn(x)
+        y = torch.index_select(y, 1, self.index) if self.op == "index_select" else self.op(y)
+        return self.conv(y)
+
+
+PER_CHANNEL_OPS = {
+    "flip": (lambda y: torch.flip(y, (2,)), 4),
+    "roll": (lambda y: y.roll(1, 3), 4),
+    "index_select": ("index_select", 4),
+    "pixel_unshuffle": (nn.PixelUnshuffle(2), 16),
+    "nearest": (nn.Upsample(scale_factor=2), 4),
+    "bilinear": (lambda y: F.interpolate(y, scale_factor=1.5, mode="bilinear"), 4),
+    "bicubic": (lambda y: F.interpolate(y, size=(5, 7), mode="bicubic", align_corners=True), 4),
+}
+
+
+@pytest.mark.parametrize("name", PER_CHANNEL_OPS)
+def test_per_channel_linear_ops_carry_the_fold(name):
+    op, channels = PER_CHANNEL_OPS[name]
+    model = randomize_batchnorms(PerChannelOp(op, channels)).eval().double()
+    gm = canonicalize(model, torch.randn(2, 4, 4, 6, dtype=torch.float64))
+    assert not get_report(gm).left, get_report(gm)
+    for shape in [(2, 4, 4, 6), (3, 4, 6, 8), (1, 4, 2, 2)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        with torch.no_grad():
+            assert relative_error(gm(x), model(x)) < 1e-12
