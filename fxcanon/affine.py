@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .views import (PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view,
-                    get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
+                    _DROPOUT_MODULES, get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
 
 VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
 PROBE_KEY = "fxcanon_probe"  # per run at another input size: (shape or None, value)
@@ -60,7 +60,6 @@ _RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2
 # nearest resampling copies elements; linear, bilinear, bicubic, trilinear and area modes are
 # weighted sums whose weights add up to 1 at every output (an average, checked like pooling)
 _NEAREST_MODES = {"nearest", "nearest-exact"}
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 # ops whose other tensor arguments are data of their own (identity features)
 _JOINS = {torch.cat, torch.concat, torch.stack, "expand_as"}
 
@@ -100,11 +99,15 @@ class Guard:
 
 @dataclass(frozen=True)
 class ForwardFold:
-    """``BN(layer(x))``: fold into the producer's output channels (``guard`` on the fused output)."""
+    """``BN(layer(x))``: fold into the producer's output channels (``guard`` on the fused output).
+
+    ``channels``: the BatchNorm channels this producer makes when the BatchNorm normalizes a
+    channel concatenation of several layers' outputs (None: all of them)."""
 
     bn: BatchNormView
     producer: LinearView
     guard: Guard | None = None
+    channels: slice | None = None
 
 
 @dataclass(frozen=True)
@@ -141,21 +144,61 @@ def _rank_guard(bn: BatchNormView, rank: int) -> Guard | str | None:
     return Guard(rank, why=f"{bn.name!r} normalizes dim 1, the layer's channel axis at this rank only")
 
 
-def forward_fold(gm: GraphModule, bn: BatchNormView, graph_params: bool = False) -> ForwardFold | str:
-    """A forward fold of ``bn``, or the reason there is none."""
-    producer = linear_view(gm, bn.input, graph_params)
+def _only_for(node: Node, user: Node) -> bool:
+    """True if ``user`` is the only use of ``node`` that reads more than its shape, dtype or device."""
+    return all(u is user or reads_only_metadata(u, node) for u in node.users)
+
+
+def _producer_fold(gm: GraphModule, bn: BatchNormView, node: Node, consumer: Node, channels: slice | None,
+                   graph_params: bool) -> ForwardFold | str:
+    producer = linear_view(gm, node, graph_params)
     if producer is None:
-        return f"input {bn.input.name} is not a Linear/Conv/ConvTranspose layer"
+        return f"input {node.name} is not a Linear/Conv/ConvTranspose layer"
     if has_hooks(producer.module):
-        return f"{bn.input.name} has forward hooks"
-    if any(user is not bn.node and not reads_only_metadata(user, bn.input) for user in bn.input.users):
-        return f"output of {bn.input.name} has other users besides the BatchNorm"
-    if producer.out_channels != bn.num_features:
-        return f"{bn.input.name}: its output channels are not the BatchNorm's"
+        return f"{node.name} has forward hooks"
+    if not _only_for(node, consumer):
+        return f"output of {node.name} has other users besides the BatchNorm"
+    count = bn.num_features if channels is None else channels.stop - channels.start
+    if producer.out_channels != count:
+        return f"{node.name}: its output channels are not the BatchNorm's"
     guard = _rank_guard(bn, producer.batched_rank)
     if isinstance(guard, str):
-        return f"{bn.input.name}: {guard}"
-    return ForwardFold(bn, producer, guard)
+        return f"{node.name}: {guard}"
+    return ForwardFold(bn, producer, guard, channels)
+
+
+def _channel_concatenation(node: Node) -> list[Node] | None:
+    """The inputs of ``torch.cat(tensors, dim=1)``, else None."""
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+        return None
+    args = bind_args(node, ("tensors", "dim"))
+    tensors = args.get("tensors")
+    if args.get("dim", 0) != 1 or not isinstance(tensors, (list, tuple)) or \
+            not all(isinstance(t, Node) for t in tensors) or len(set(tensors)) != len(tensors):
+        return None
+    return list(tensors)
+
+
+def forward_folds(gm: GraphModule, bn: BatchNormView, graph_params: bool = False) -> list[ForwardFold] | str:
+    """Forward folds of ``bn``: into the layer that produces its input, or into each layer whose
+    output a channel concatenation feeding only ``bn`` joins (slice ``k`` of the BatchNorm's
+    channels into layer ``k``: ``BN(cat(a, b)) = cat(BN_a(a), BN_b(b))``); else the reason."""
+    pieces = _channel_concatenation(bn.input)
+    if pieces is None or not _only_for(bn.input, bn.node):
+        fold = _producer_fold(gm, bn, bn.input, bn.node, None, graph_params)
+        return fold if isinstance(fold, str) else [fold]
+    folds, start = [], 0
+    for piece in pieces:
+        view = linear_view(gm, piece, graph_params)
+        stop = start + (view.out_channels if view is not None else 0)
+        fold = _producer_fold(gm, bn, piece, bn.input, slice(start, stop), graph_params)
+        if isinstance(fold, str):
+            return f"concatenation {bn.input.name}: {fold}"
+        folds.append(fold)
+        start = stop
+    if start != bn.num_features:
+        return f"concatenation {bn.input.name}: its channels are not the BatchNorm's"
+    return folds
 
 
 def _ids_to_map(ids: Tensor) -> Tensor:

@@ -377,3 +377,35 @@ def relu_input(gm: GraphModule, node: Node) -> Node | None:
             (node.op == "call_method" and node.target in ("relu", "relu_")):
         return call_input(node)
     return None
+
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def identity_input(gm: GraphModule, node: Node) -> Node | None:
+    """The input of ``node`` if it returns its input unchanged (``nn.Identity``, dropout in eval
+    mode, ``F.dropout(training=False)``) and runs no hooks, else None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.Identity) or (isinstance(module, _DROPOUT_MODULES) and not module.training):
+            return None if has_hooks(module) else call_input(node)
+    if node.op == "call_function" and node.target is F.dropout:
+        args = bind_args(node, ("input", "p", "training", "inplace"))
+        return args.get("input") if args.get("training", True) is False else None
+    return None
+
+
+def relu_after(gm: GraphModule, node: Node) -> tuple[Node, list[Node]] | None:
+    """``(relu, between)`` if ``node``'s only use is a plain ReLU, possibly through identity ops
+    (timm's norm-act layers: norm -> drop -> act), each the only use of the one before."""
+    between: list[Node] = []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if relu_input(gm, user) is node:
+            return user, between
+        if identity_input(gm, user) is not node:
+            return None
+        between.append(user)
+        node = user
+    return None
+

@@ -269,3 +269,26 @@ def test_through_layout_rule_is_reported():
     assert fold.rule == THROUGH_LAYOUT and fold.path == ("flatten", "cat")
     assert torch.equal(gm.fc.weight[:, 12:], model.fc.weight[:, 12:])
     assert_same(model, gm, *inputs)
+
+
+class MixedConv(nn.Module):
+    """MixNet's mixed convolution: channel groups through different kernels, concatenated, one BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 2, 5, padding=2, bias=False),
+                                    nn.ConvTranspose2d(2, 1, 1)])
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        parts = [x[:, 2 * i:2 * i + 2] for i in range(3)]
+        return self.bn(torch.cat([conv(part) for conv, part in zip(self.convs, parts)], 1))
+
+
+def test_batchnorm_of_a_channel_concatenation_folds_slice_by_slice():
+    model = random_bn(MixedConv()).double()
+    gm = canonicalize(model)
+    assert not get_report(gm).left and len(get_report(gm).entries["bn"].folds) == 3
+    assert not batchnorm_nodes(gm)
+    for shape in [(2, 6, 5, 5), (1, 6, 3, 8)]:
+        assert_same(model, gm, torch.randn(shape, dtype=D))

@@ -12,7 +12,7 @@ from ..affine import BackwardFold, backward_fold
 from ..report import THRESHOLD
 from ..mutation import fold_hazard
 from ..rewrite import finish
-from ..views import has_hooks, relu_input
+from ..views import has_hooks, relu_after
 from ._base import CanonizationPass
 
 
@@ -22,7 +22,8 @@ class FoldBatchNormThroughReLU(CanonizationPass):
     ``h`` is :class:`fxcanon.modules.ThresholdReLU` (``max(x, -t/s)`` for ``s > 0``, ``min`` for
     ``s < 0``, ``0`` for ``s = 0``, where ``t' = ReLU(t)``); ``(s, t')`` is folded into every layer the
     ReLU's output reaches through layout ops, exactly as ``FoldBatchNormBackward`` folds a
-    BatchNorm. Applies when the BatchNorm feeds only the ReLU and *every* use of the ReLU's output
+    BatchNorm. Applies when the BatchNorm feeds only the ReLU (possibly through identity ops: timm's
+    ``norm -> drop -> act``) and *every* use of the ReLU's output
     can take the fold (DenseNet's ``norm -> relu -> conv``, pre-activation ResNets whose
     shortcut and main branch share the ReLU); otherwise the BatchNorm is left as it is.
     """
@@ -30,10 +31,10 @@ class FoldBatchNormThroughReLU(CanonizationPass):
     def call(self, graph_module: GraphModule) -> PassResult:
         modified = False
         for bn, entry, affine in self.batchnorms(graph_module):
-            users = list(bn.node.users)
-            if len(users) != 1 or relu_input(graph_module, users[0]) is not bn.node:
+            found = relu_after(graph_module, bn.node)
+            if found is None:
                 continue
-            relu = users[0]
+            relu, between = found
             if relu.op == "call_module" and has_hooks(graph_module.get_submodule(relu.target)):
                 continue
             plan = backward_fold(graph_module, dataclasses.replace(bn, node=relu, input=bn.node), affine.scale,
@@ -56,8 +57,8 @@ class FoldBatchNormThroughReLU(CanonizationPass):
                 user.replace_input_with(relu, threshold)
             for sink in plan.sinks:
                 entry.folds.append(self.folder.fold_input(graph_module, sink, affine.s, shift, rule=THRESHOLD))
-            graph_module.graph.erase_node(relu)
-            graph_module.graph.erase_node(bn.node)
+            for node in [relu, *reversed(between), bn.node]:
+                graph_module.graph.erase_node(node)
             entry.left_reason = None
             modified = True
         finish(graph_module, modified)
