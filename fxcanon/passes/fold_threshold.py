@@ -8,10 +8,10 @@ import dataclasses
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..affine import BackwardFold, backward_fold
+from ..affine import BackwardFold, ForwardFold, backward_fold, forward_fold
 from ..report import THRESHOLD
 from ..rewrite import finish
-from ..views import relu_input
+from ..views import batchnorm_view, relu_input
 from ._base import CanonizationPass
 
 
@@ -54,3 +54,15 @@ class FoldBatchNormThroughReLU(CanonizationPass):
             modified = True
         finish(graph_module, modified)
         return PassResult(graph_module, modified)
+
+
+def is_pre_activation(graph_module: GraphModule) -> bool:
+    """Whether some BatchNorm feeds only a ReLU and follows no layer it could fold into (DenseNet's
+    ``cat -> norm -> relu -> conv``): the network normalizes before its activations, not after its layers."""
+    for node in graph_module.graph.nodes:
+        bn = batchnorm_view(graph_module, node)
+        if bn is None or len(node.users) != 1 or relu_input(graph_module, next(iter(node.users))) is not node:
+            continue
+        if not isinstance(forward_fold(graph_module, bn), ForwardFold):
+            return True
+    return False
