@@ -25,7 +25,7 @@ from torch.fx import GraphModule
 
 from .canonicalize import canonicalize
 from .modules import Gate, Sum, ThresholdReLU
-from .passes import STRUCTURAL_PASSES
+from .passes import PRESETS, STRUCTURAL_PASSES
 from .report import REPORT_KEY
 
 try:
@@ -240,6 +240,8 @@ def attribute(
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, not {init!r}")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if preset == "paper":
         if init != "onehot":
             raise ValueError("preset='paper' seeds with init='onehot'")

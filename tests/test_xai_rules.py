@@ -171,3 +171,13 @@ def test_paper_preset_differs_only_on_pre_activation_networks():
     assert (principled - paper).abs().max() > 1e-6 * paper.abs().max()
     with pytest.raises(ValueError):
         attribute(model, x, 0, "eb", preset="paper", init="logit")
+
+
+def test_explain_command_shows_the_paper_preset_beside_the_defaults(tmp_path):
+    from PIL import Image
+
+    from fxcanon.cli import main
+
+    out = tmp_path / "fig.png"
+    assert main(["explain", "densenet121", "--size", "32", "--paper", "--composite", "eb", "--out", str(out)]) == 0
+    assert Image.open(out).width > 4 * 32
