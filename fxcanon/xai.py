@@ -37,7 +37,8 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError('fxcanon.xai needs zennit: pip install "fxcanon[xai]"') from error
 
-# Every parameter that makes up a fused layer's bias (vector and position-dependent parts).
+# Every parameter that makes up a fused layer's bias (vector and position-dependent parts); rules see
+# all of it as ``bias`` (BiasMapMod).
 BIAS_PARAMETERS = ["bias", "bias_kernel", "pad_kernel"]
 _MAP_PARAMETERS = ("bias_kernel", "pad_kernel")
 COMPOSITES = ("eb", "epsilon_plus", "alpha2_beta1", "rn_custom", "epsilon")
@@ -150,7 +151,8 @@ def with_bias_maps(rule: Hook, bias_map: str = "rule") -> Hook:
     if bias_map not in BIAS_MAP_MODES:
         raise ValueError(f"bias_map must be one of {', '.join(BIAS_MAP_MODES)}, not {bias_map!r}")
     if isinstance(rule, BasicHook):
-        rule.param_modifiers = [BiasMapMod(ParamMod.ensure(m), bias_map == "rule") for m in rule.param_modifiers]
+        rule.param_modifiers = [m if isinstance(m, BiasMapMod) else BiasMapMod(ParamMod.ensure(m), bias_map == "rule")
+                                for m in rule.param_modifiers]
     return rule
 
 
@@ -235,8 +237,8 @@ def attribute(
 
     ``preset="paper"`` reproduces Pahde et al.'s explanations: their canonical form
     (``canonicalize(..., preset="paper")``: DenseNet thresh-first) and their bias-map treatment
-    (``bias_map="outside"``), with the one-hot seed. The defaults differ only where the paper's
-    code is an artefact (see README, "Explanations").
+    (``bias_map="outside"``), with the one-hot seed. The defaults fold for speed where the form is
+    a choice and treat bias maps as biases (see README, "Explanations").
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, not {init!r}")

@@ -10,26 +10,31 @@ pooling (the paper's structural canonizers) come from ``STRUCTURAL_PASSES``.
 """
 
 import copy
+from itertools import pairwise
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 pytest.importorskip("zennit")
-from zennit.composites import (EpsilonAlpha2Beta1, EpsilonPlus, ExcitationBackprop,  # noqa: E402
-                               SpecialFirstLayerMapComposite, layer_map_base)
-from zennit.core import Hook  # noqa: E402
-from zennit.rules import Norm, ZBox, ZPlus  # noqa: E402
-from zennit.types import Convolution, Linear  # noqa: E402
+from zennit.composites import (
+    EpsilonAlpha2Beta1,
+    EpsilonPlus,
+    ExcitationBackprop,
+    SpecialFirstLayerMapComposite,
+    layer_map_base,
+)
+from zennit.core import Hook
+from zennit.rules import Norm, ZBox, ZPlus
+from zennit.types import Convolution, Linear
 
-from fxcanon import canonicalize  # noqa: E402
-from fxcanon.equivalence import randomize_batchnorms  # noqa: E402
-from fxcanon.models import RelationNetwork  # noqa: E402
-from fxcanon.modules import Gate, Sum  # noqa: E402
-from fxcanon.passes import STRUCTURAL_PASSES  # noqa: E402
-from fxcanon.xai import attribute  # noqa: E402
-from fxcanon.zoo import build  # noqa: E402
+from fxcanon import canonicalize
+from fxcanon.equivalence import randomize_batchnorms
+from fxcanon.models import RelationNetwork
+from fxcanon.modules import Gate, Sum
+from fxcanon.passes import STRUCTURAL_PASSES
+from fxcanon.xai import attribute
+from fxcanon.zoo import build
 
 D = torch.float64
 IMAGE_COMPOSITES = ["eb", "epsilon_plus", "alpha2_beta1"]
@@ -91,7 +96,7 @@ def fold_children(module, thresh_first):
             if isinstance(kids[a], nn.BatchNorm2d) and isinstance(kids[b], nn.ReLU) and isinstance(kids[c], nn.Conv2d):
                 s, t = affine(kids[a])
                 kids[a], kids[b], kids[c] = Threshold(s, t), nn.Identity(), shifted(kids[c], s, t)
-    for a, b in zip(names, names[1:]):
+    for a, b in pairwise(names):
         if isinstance(kids[a], nn.Conv2d) and isinstance(kids[b], nn.BatchNorm2d):
             kids[a], kids[b] = merged(kids[a], kids[b]), nn.Identity()
     for child in kids.values():

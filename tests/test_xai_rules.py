@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 pytest.importorskip("zennit")
-from zennit.rules import AlphaBeta, Epsilon, ZPlus  # noqa: E402
+from zennit.rules import AlphaBeta, Epsilon, ZPlus
 
-from fxcanon import canonicalize  # noqa: E402
-from fxcanon.equivalence import randomize_batchnorms  # noqa: E402
-from fxcanon.modules import ThresholdReLU  # noqa: E402
-from fxcanon.xai import attribute, lrp_composite, with_bias_maps  # noqa: E402
+from fxcanon import canonicalize
+from fxcanon.equivalence import randomize_batchnorms
+from fxcanon.modules import ThresholdReLU
+from fxcanon.xai import attribute, lrp_composite, with_bias_maps
 
 D = torch.float64
 
@@ -26,11 +26,11 @@ def fused(layer, seed=0, pad=None):
     model = nn.Sequential(bn, *([nn.ConstantPad2d(pad, 1.5)] if pad else []), layer).eval().double()
     gm = canonicalize(model, torch.randn(1, layer.in_channels, 6, 6, dtype=D))
     (module,) = [m for m in gm.modules() if isinstance(m, type(layer))]
-    return model, module
+    return module
 
 
 def layer_relevance(module, rule, x, seed_relevance):
-    rule = with_bias_maps(rule.copy() if hasattr(rule, "copy") else rule)
+    rule = with_bias_maps(rule.copy())
     handles = rule.register(module)
     try:
         x = x.clone().requires_grad_(True)
@@ -45,7 +45,7 @@ def layer_relevance(module, rule, x, seed_relevance):
 def test_interior_relevance_equals_the_unpadded_fold(rule):
     """The bias map is ``b + sum(W t)`` in the interior: relevance seeded there equals that of an unpadded
     conv with that vector bias."""
-    _, module = fused(nn.Conv2d(3, 4, 3, padding=1))
+    module = fused(nn.Conv2d(3, 4, 3, padding=1))
     assert module.has_bias_map
     plain = nn.Conv2d(3, 4, 3, padding=0).double()
     with torch.no_grad():
@@ -60,7 +60,7 @@ def test_interior_relevance_equals_the_unpadded_fold(rule):
 
 def passes(rule, module, x):
     """The outputs of each of ``rule``'s modified forward passes."""
-    rule = with_bias_maps(rule)
+    rule = with_bias_maps(rule.copy())
     outputs = []
     for input_mod, param_mod in zip(rule.input_modifiers, rule.param_modifiers):
         with param_mod(module) as modified:
@@ -84,7 +84,7 @@ def test_no_negative_contribution_enters_a_positive_sum(transposed, kernel, padd
     padding = min(padding, kernel - 1) if transposed else padding
     kind = nn.ConvTranspose2d if transposed else nn.Conv2d
     pad = None if transposed else pad
-    model, module = fused(kind(channels, 2, kernel, stride=stride, padding=padding), seed, pad)
+    module = fused(kind(channels, 2, kernel, stride=stride, padding=padding), seed, pad)
     x = torch.randn(2, channels, 5, 4, dtype=D, generator=torch.Generator().manual_seed(seed))
     bias = module(torch.zeros_like(x))
     w = module.weight
@@ -103,7 +103,7 @@ def test_no_negative_contribution_enters_a_positive_sum(transposed, kernel, padd
 
 
 def test_outside_leaves_the_bias_map_out_of_the_rules():
-    _, module = fused(nn.Conv2d(3, 4, 3, padding=1))
+    module = fused(nn.Conv2d(3, 4, 3, padding=1))
     x = torch.randn(1, 3, 6, 6, dtype=D)
     rule = with_bias_maps(Epsilon(), "outside")
     with rule.param_modifiers[0](module) as modified:
