@@ -68,7 +68,7 @@ class GatedPass(Hook):
     ignore.) The paper's threshold activation behaves the same way.
     """
 
-    def forward(self, module: nn.Module, input: tuple[Tensor, ...], output: Tensor) -> None:
+    def forward(self, module: ThresholdReLU, input: tuple[Tensor, ...], output: Tensor) -> None:
         x, shape = input[0], (-1,) + (1,) * (input[0].dim() - 2)
         sign = module.sign.to(x.dtype).reshape(shape)
         self.stored_tensors["gate"] = sign * x > sign * module.threshold.to(x.dtype).reshape(shape)

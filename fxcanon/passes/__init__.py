@@ -27,11 +27,11 @@ STRUCTURAL_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[3:]
 PREFER = ("forward", "threshold")
 PRESETS = ("paper",)
 
-Pass = type[CanonizationPass] | CanonizationPass
+PassLike = type[CanonizationPass] | CanonizationPass
 
 
-def ordered(passes: Sequence[Pass], prefer: str = "forward", preset: str | None = None,
-            graph_module: GraphModule | None = None) -> list[Pass]:
+def ordered(passes: Sequence[PassLike], prefer: str = "forward", preset: str | None = None,
+            graph_module: GraphModule | None = None) -> list[PassLike]:
     """``passes`` in the order that gives the preferred canonical form where a BatchNorm could go either way.
 
     A BatchNorm between a layer and a ReLU that feeds layers (``conv1 -> norm -> relu -> conv2``)
@@ -50,7 +50,7 @@ def ordered(passes: Sequence[Pass], prefer: str = "forward", preset: str | None 
     if prefer == "forward":
         return list(passes)
 
-    def through_relu(p: Pass) -> bool:
+    def through_relu(p: PassLike) -> bool:
         return (p if isinstance(p, type) else type(p)) is FoldBatchNormThroughReLU
 
     return [p for p in passes if through_relu(p)] + [p for p in passes if not through_relu(p)]
@@ -59,5 +59,5 @@ def ordered(passes: Sequence[Pass], prefer: str = "forward", preset: str | None 
 __all__ = [
     "DEFAULT_PASSES", "FOLD_PASSES", "PREFER", "PRESETS", "STRUCTURAL_PASSES", "CanonizationPass", "ExplicitGates",
     "ExplicitPooling", "ExplicitSums", "FoldBatchNormBackward", "FoldBatchNormForward", "FoldBatchNormThroughReLU",
-    "ordered",
+    "is_pre_activation", "ordered",
 ]
