@@ -15,7 +15,7 @@ from . import modules
 from .affine import PROBE_KEY, VALUE_KEY
 from .errors import CanonizationError
 from .inventory import record_unread
-from .passes import DEFAULT_PASSES, CanonizationPass
+from .passes import DEFAULT_PASSES, CanonizationPass, ordered
 from .report import REPORT_KEY, Report
 
 
@@ -166,6 +166,8 @@ def canonicalize(
     *,
     passes: Sequence[type[CanonizationPass] | CanonizationPass] | None = None,
     allow_training: bool = False,
+    prefer: str = "forward",
+    preset: str | None = None,
 ) -> GraphModule:
     """Return a new GraphModule computing the same function with foldable BatchNorms merged.
 
@@ -177,6 +179,11 @@ def canonicalize(
     (or instances) to run instead of :data:`fxcanon.passes.DEFAULT_PASSES`. BatchNorms in training
     mode raise CanonizationError unless ``allow_training`` leaves them untouched. The report is
     ``get_report(result)``.
+
+    Where a BatchNorm can fold either way (``conv1 -> norm -> relu -> conv2``), ``prefer="forward"``
+    (default: fastest, vector biases) folds it into ``conv1``, ``prefer="threshold"`` through the ReLU
+    into ``conv2``; ``preset="paper"`` chooses as Pahde et al.'s canonizers do (see
+    :func:`fxcanon.passes.ordered`).
     """
     if example_inputs is None and callable(getattr(model, "example_inputs", None)):
         example_inputs = model.example_inputs()
@@ -198,7 +205,7 @@ def canonicalize(
                         buffer.copy_(buffers[name])
     report = Report()
     selected = [p(report, allow_training=allow_training) if isinstance(p, type) else p
-                for p in (DEFAULT_PASSES if passes is None else passes)]
+                for p in ordered(DEFAULT_PASSES if passes is None else passes, prefer, preset, gm)]
     out = run_passes(gm, selected)
     record_unread(out, report)
     _unshare(out, model)

@@ -1,6 +1,7 @@
 """``fxcanon explain``: heatmaps without and with canonization, side by side (Figures A.2-A.10).
 
     python -m fxcanon explain resnet18 --composite epsilon_plus --composite eb --out fig.png
+    python -m fxcanon explain densenet121 --paper   # adds the paper preset beside fxcanon's defaults
 """
 
 from __future__ import annotations
@@ -44,17 +45,17 @@ def heatmap(relevance: Tensor) -> Image.Image:
     return Image.fromarray((rgb.numpy() * 255).round().astype(np.uint8))
 
 
-def render(rows: list[tuple[str, Image.Image, Image.Image]], image: Image.Image, title: str) -> Image.Image:
-    """Rows of (composite, heatmap without, heatmap with canonization) after the input image."""
+def render(rows: list[tuple[str, list[Image.Image]]], labels: Sequence[str], image: Image.Image,
+           title: str) -> Image.Image:
+    """Rows of (composite, one heatmap per label) after the input image."""
     size, pad, header = image.width, 8, 34
-    width = 3 * size + 4 * pad
+    width = (len(labels) + 1) * size + (len(labels) + 2) * pad
     canvas = Image.new("RGB", (width, header + len(rows) * (size + header)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 8), title, fill="black")
-    for i, (name, without, with_) in enumerate(rows):
+    for i, (name, tiles) in enumerate(rows):
         y = header + i * (size + header)
-        for j, (label, tile) in enumerate((("input", image), (f"{name}: not canonized", without),
-                                           (f"{name}: canonized", with_))):
+        for j, (label, tile) in enumerate(zip(["input", *(f"{name}: {label}" for label in labels)], [image, *tiles])):
             x = pad + j * (size + pad)
             draw.text((x, y + 6), label, fill="black")
             canvas.paste(tile.resize((size, size), Image.NEAREST), (x, y + header - 10))
@@ -73,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, help="state dict to load (torch.load with weights_only=True)")
     parser.add_argument("--target", type=int, help="class to explain (default: the predicted one)")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--paper", action="store_true",
+                        help="add a column with the paper's explanations (preset='paper') beside fxcanon's defaults")
     parser.add_argument("--out", type=Path, default=Path("explanation.png"))
     args = parser.parse_args(argv)
     model = build(args.model)
@@ -81,12 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     image, x = load_image(args.image, args.size)
     with torch.no_grad():
         target = int(model(x).argmax(1)) if args.target is None else args.target
-    rows = []
-    for name in args.composite or ["epsilon_plus"]:
-        without, _ = attribute(model, x, target, name, canonize=False)
-        with_, _ = attribute(model, x, target, name, canonize=True)
-        rows.append((name, heatmap(without), heatmap(with_)))
+    columns = {"not canonized": {"canonize": "structural"}, **({"paper preset": {"preset": "paper"}} if args.paper
+                                                               else {}), "canonized": {}}
+    rows = [(name, [heatmap(attribute(model, x, target, name, **options)[0]) for options in columns.values()])
+            for name in args.composite or ["epsilon_plus"]]
     weights = "random weights" if args.weights is None else args.weights.name
-    render(rows, image, f"{args.model} ({weights}), class {target}").save(args.out)
+    render(rows, list(columns), image, f"{args.model} ({weights}), class {target}").save(args.out)
     print(args.out)
     return 0

@@ -8,11 +8,11 @@ import dataclasses
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..affine import BackwardFold, backward_fold
-from ..report import THRESHOLD
+from ..affine import BackwardFold, backward_fold, forward_folds
 from ..mutation import fold_hazard
+from ..report import THRESHOLD
 from ..rewrite import finish
-from ..views import has_hooks, relu_after
+from ..views import batchnorm_view, has_hooks, relu_after
 from ._base import CanonizationPass
 
 
@@ -63,3 +63,15 @@ class FoldBatchNormThroughReLU(CanonizationPass):
             modified = True
         finish(graph_module, modified)
         return PassResult(graph_module, modified)
+
+
+def is_pre_activation(graph_module: GraphModule) -> bool:
+    """Whether some BatchNorm feeds only a ReLU and follows no layer it could fold into (DenseNet's
+    ``cat -> norm -> relu -> conv``): the network normalizes before its activations, not after its layers."""
+    for node in graph_module.graph.nodes:
+        bn = batchnorm_view(graph_module, node)
+        if bn is None or relu_after(graph_module, node) is None:
+            continue
+        if isinstance(forward_folds(graph_module, bn), str):
+            return True
+    return False
