@@ -155,9 +155,10 @@ def test_eb_puts_no_rule_on_activations_and_batchnorms():
     model, x = bn_relu_conv()
     baseline = canonicalize(model, x, passes=())
     for name, hooked in (("eb", False), ("epsilon_plus", True)):
+        layers = [baseline.get_submodule(str(i)) for i in range(4)]  # copies: canonicalize shares nothing
         with lrp_composite(name).context(baseline):
-            assert bool(model[1]._forward_hooks) is hooked and bool(model[2]._forward_hooks) is hooked
-            assert model[0]._forward_hooks and model[3]._forward_hooks
+            assert bool(layers[1]._forward_hooks) is hooked and bool(layers[2]._forward_hooks) is hooked
+            assert layers[0]._forward_hooks and layers[3]._forward_hooks
 
 
 def test_paper_preset_differs_only_on_pre_activation_networks():
