@@ -217,7 +217,7 @@ class BatchNormView:
     running_var: Tensor | None
     weight: Tensor | None
     bias: Tensor | None
-    eps: float
+    eps: float | Node  # a graph input under torch.compile(dynamic=True)
     training: bool
     accepted_ranks: tuple[int, ...] | None  # ranks the call itself enforces
     args: dict[str, Any] = field(default_factory=dict)  # a functional call's arguments by name
@@ -258,7 +258,9 @@ def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False) -> B
         training = args.get("training", False)
         if not isinstance(args.get("input"), Node) or not isinstance(training, bool):
             return None
-        return BatchNormView(node=node, input=args["input"], name=node.name, eps=float(args.get("eps", 1e-5)),
+        eps = args.get("eps", 1e-5)
+        return BatchNormView(node=node, input=args["input"], name=node.name,
+                             eps=eps if isinstance(eps, Node) else float(eps),
                              training=training, accepted_ranks=None, args=args, **tensors)
     return None
 
