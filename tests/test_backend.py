@@ -1,5 +1,7 @@
 """torch.compile(model, backend="fxcanon"): folds inside Dynamo graphs, never stale."""
 
+import functools
+import operator
 import subprocess
 import sys
 import textwrap
@@ -178,3 +180,58 @@ def test_explicit_constant_padding_is_left_in_graphs():
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(compiled(model)(x), model(x)) < 1e-12
+
+
+class SideBranchReLU(nn.Module):
+    """An in-place ReLU on the BatchNorm's input, after the BatchNorm read it (issue 9, 3a)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        self.conv2, self.conv3 = nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        y = self.bn(h)
+        z = self.relu(h)
+        return self.conv2(y) + self.conv3(z)
+
+
+class MutatedOutput(nn.Module):
+    """The BatchNorm's output edited in place before the layer reads it (issue 9, 3b and 3c)."""
+
+    def __init__(self, edit):
+        super().__init__()
+        self.bn, self.conv, self.edit = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3, padding=1), edit
+
+    def forward(self, x):
+        y = self.bn(x)
+        self.edit(y)
+        return self.conv(y)
+
+
+# in-place spellings as they reach the backend: call_method relu_/add_/mul_ (also on a view),
+# torch.relu_, F.relu(..., inplace=True) (nn.ReLU(inplace=True) too), operator.iadd, operator.setitem
+IN_PLACE_EDITS = {
+    "method_relu_": lambda y: y.relu_(),
+    "torch_relu_": torch.relu_,
+    "functional_relu_inplace": lambda y: F.relu(y, inplace=True),
+    "module_relu_inplace": nn.ReLU(inplace=True),
+    "method_add_": lambda y: y.add_(1.0),
+    "operator_iadd": lambda y: operator.iadd(y, 1.0),
+    "view_mul_": lambda y: y.view(y.shape[0], -1).mul_(-2.0),
+    "setitem": lambda y: y.__setitem__((slice(None), 0), 0.5),
+}
+IN_PLACE_MODELS = {"side_branch_relu": SideBranchReLU, **{name: functools.partial(MutatedOutput, edit)
+                                                         for name, edit in IN_PLACE_EDITS.items()}}
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("name", IN_PLACE_MODELS)
+def test_in_place_edits_around_a_batchnorm(name, inner):
+    torch.manual_seed(0)
+    model = randomize_batchnorms(IN_PLACE_MODELS[name]()).eval().double()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x.clone())
+        assert relative_error(compiled(model, inner=inner)(x.clone()), expected) < 1e-10
