@@ -23,6 +23,7 @@ identity and version counters, so it is never stale after ``load_state_dict`` or
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -135,12 +136,13 @@ class _FusedConvTransposeNd(_BiasMapMixin):
 
 def threshold_relu(x: Tensor, threshold: Tensor, sign: Tensor) -> Tensor:
     """``h(x)`` of :class:`ThresholdReLU` for per-channel (dim 1) ``threshold`` and ``sign``: ``x``
-    where ReLU's gate ``sign * x > sign * threshold`` is open (NaN passes, as in ReLU), else
-    ``threshold``. Branch-free: one graph under ``torch.export`` and ``torch.compile``."""
+    clamped from below at ``threshold`` where ``sign > 0``, from above where ``sign < 0``, and to
+    ``threshold = 0`` where ``sign == 0``. Branch-free (one graph under ``torch.export`` and
+    ``torch.compile``); NaN propagates as in ReLU."""
     shape = (-1,) + (1,) * (x.dim() - 2)
-    sign = sign.to(x.dtype).reshape(shape)
-    threshold = threshold.to(x.dtype).reshape(shape)
-    return torch.where(sign * x <= sign * threshold, threshold, x)
+    theta, sign = threshold.to(x.dtype).reshape(shape), sign.reshape(shape)
+    upper, lower = theta.masked_fill(sign > 0, math.inf), theta.masked_fill(sign < 0, -math.inf)
+    return torch.maximum(torch.minimum(x, upper), lower)
 
 
 class ThresholdReLU(nn.ReLU):
