@@ -16,9 +16,12 @@ carry two optional Parameters with the weight's layout:
 
 The layer output is ``conv(x, weight) + bias + bias_map(x)``. Rules that zero or clamp biases must
 treat ``bias_kernel`` and ``pad_kernel`` like ``bias`` (zennit's parameter modifiers visit every
-Parameter of a layer; ``zero_params`` must name all three). The bias map is computed per input
-size, device and dtype, and cached outside autograd; the cache is keyed on the kernels'
-identity and version counters, so it is never stale after ``load_state_dict`` or in-place edits.
+Parameter of a layer; ``zero_params`` must name all three). The bias map is computed on every
+forward from the kernels as they are (:func:`conv_bias_map`, also what the ``torch.compile``
+backend emits): never stale, whatever edits the Parameters (``load_state_dict``, ``.data``,
+``vector_to_parameters``), differentiable in the kernels, and free of data-dependent branches, so
+a canonized model exports (``torch.export``) and compiles as one graph. Its cost is one
+convolution of a one-channel map per forward (``benchmarks/RESULTS.md``, "fused layers").
 """
 
 from __future__ import annotations

@@ -317,3 +317,16 @@ def test_backend_is_never_stale(case, steps):
             _apply(fast, step, x)
             batch = x.repeat(step[1], *([1] * (x.dim() - 1))) if step[0] == "batch" else x
             assert relative_error(fast(batch), model(batch)) < 1e-10
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_dynamic_shapes(inner):
+    model = block(9).double()
+    recorder = Recorder() if inner == "eager" else None
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="fxcanon", dynamic=True, options={"inner": recorder or inner})
+    with torch.no_grad():
+        for size in ((2, 5, 7), (3, 8, 6)):
+            x = torch.randn(size[0], 3, *size[1:], dtype=torch.float64)
+            assert relative_error(fast(x), model(x)) < 1e-12
+    assert recorder is None or (recorder.graphs and not recorder.batchnorms())
