@@ -18,9 +18,10 @@ through ``tensor.data``, ``vector_to_parameters`` and the running statistics a t
 updates move no version counter. The cache therefore keeps a copy of the tensors each fold read
 and reuses the fold only while they are equal by value (:class:`fxcanon.folders.CachedFold`):
 never stale, at the price of one comparison pass over the folded parameters per call and a
-second copy of them in memory (``benchmarks/RESULTS.md``, "backend fold cache", measures the
-three options). Folds are not cached while autograd records them. Bias maps are computed every
-call, as in the fused layers.
+second copy of them in memory. Measured (``benchmarks/RESULTS.md``, "backend fold cache"): at
+batch 1 and 224x224 the cache costs +10-15% against plain eager where recomputing costs +45-66%;
+at batch 64 both beat plain eager. Folds are not cached while autograd records them. Bias maps
+are computed every call, as in the fused layers.
 """
 
 from __future__ import annotations
