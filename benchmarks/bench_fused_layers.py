@@ -39,8 +39,8 @@ LAYERS = [
 ]
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds per function, timed round by round so that load spikes hit all alike."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, timed round by round so that load spikes hit all alike."""
     times: dict[str, list[float]] = {label: [] for label in fns}
     for fn in fns.values():
         fn()
@@ -49,6 +49,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
             start = time.perf_counter()
             fn()
             times[label].append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {label: statistics.median(t) for label, t in times.items()}
 
 
@@ -68,18 +72,20 @@ def bias_map_row(label: str, c_in: int, c_out: int, kernel: int, stride: int, pa
         "BN + conv": lambda: bn_conv(x),
     }
     with torch.inference_mode():
-        ms = interleaved_medians(fns, repeats)
-    overhead = ms["fused conv with bias map"] / ms["plain conv"] - 1
-    return {"layer": f"{label}, {side}x{side}", **{f"{k} ms": v for k, v in ms.items()}, "overhead": overhead}
+        times = interleaved_times(fns, repeats)
+    ratios = [f / p for f, p in zip(times["fused conv with bias map"], times["plain conv"])]
+    return {"layer": f"{label}, {side}x{side}", **{f"{k} ms": v for k, v in medians(times).items()},
+            "overhead": statistics.median(ratios) - 1}
 
 
 def threshold_row(channels: int, side: int, repeats: int) -> dict[str, object]:
     x = torch.randn(1, channels, side, side)
     sign = torch.ones(channels)
     sign[::3] = -1.0
-    fns = {"ReLU": lambda: torch.relu(x), "ThresholdReLU": ThresholdReLU(torch.randn(channels), sign)}
+    threshold = ThresholdReLU(torch.randn(channels), sign)
+    fns = {"ReLU": lambda: torch.relu(x), "ThresholdReLU": lambda: threshold(x)}
     with torch.inference_mode():
-        ms = interleaved_medians({k: (lambda f=f: f(x)) if k != "ReLU" else f for k, f in fns.items()}, repeats)
+        ms = medians(interleaved_times(fns, repeats))
     return {"input": f"1x{channels}x{side}x{side}", **{f"{k} ms": v for k, v in ms.items()}}
 
 
@@ -105,7 +111,7 @@ def main() -> None:
     bias_rows = [bias_map_row(*layer, repeats=args.repeats) for layer in LAYERS]
     threshold_rows = [threshold_row(c, s, args.repeats) for c, s in ((64, 112), (256, 28))]
     text = (f"CPU, {args.threads} thread(s), batch 1, median of {args.repeats} interleaved rounds; other "
-            "processes shared the CPU while this ran.\n\n"
+            "processes shared the CPU while this ran. Overhead: median over rounds of fused / plain.\n\n"
             "### Bias map computed every forward (ms)\n\n" + markdown(bias_rows)
             + "\n\n### Threshold activation, branch-free (ms)\n\n" + markdown(threshold_rows))
     print(text)
