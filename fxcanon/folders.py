@@ -109,6 +109,7 @@ class CachedFold:
 
 
 def _same(tensor: Tensor, copy: Tensor) -> bool:
+    """Equal by value, shape, dtype and device."""
     return tensor.shape == copy.shape and tensor.dtype == copy.dtype and tensor.device == copy.device \
         and torch.equal(tensor, copy)
 
