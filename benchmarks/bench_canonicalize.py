@@ -29,7 +29,7 @@ from torch.fx.experimental.optimization import fuse
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402
 
-from fxcanon import FusedConv2d, canonicalize  # noqa: E402
+from fxcanon import canonicalize  # noqa: E402
 from fxcanon.passes import FOLD_PASSES  # noqa: E402
 from fxcanon.zoo import ZOO, build, count_batchnorms  # noqa: E402
 
@@ -114,24 +114,6 @@ def latency_row(name: str, batch: int, size: int, repeats: int) -> dict[str, obj
     return row
 
 
-def bias_map_row(size: int, repeats: int) -> dict[str, object]:
-    """A bias-map conv (BN -> zero-padded conv) against a plain conv of the same shape."""
-    bn_conv = nn.Sequential(nn.BatchNorm2d(64), nn.Conv2d(64, 64, 3, padding=1)).eval()
-    with torch.no_grad():
-        bn_conv[0].bias.uniform_(-1, 1)
-    fused = canonicalize(bn_conv)
-    layer = next(m for m in fused.modules() if isinstance(m, FusedConv2d))
-    plain = nn.Conv2d(64, 64, 3, padding=1).eval()
-    x = torch.randn(1, 64, size, size)
-    with torch.inference_mode():
-        return {"layer": f"conv 64->64 3x3 pad 1, {size}x{size}",
-                "plain conv ms": 1000 * median_seconds(lambda: plain(x), repeats),
-                "bias-map conv (cached) ms": 1000 * median_seconds(lambda: layer(x), repeats),
-                "bias-map conv (uncached) ms": 1000 * median_seconds(
-                    lambda: (layer._bias_map_cache.clear(), layer(x)), repeats),
-                "BN + conv ms": 1000 * median_seconds(lambda: bn_conv(x), repeats)}
-
-
 def markdown(rows: list[dict[str, object]]) -> str:
     keys = list(rows[0])
 
@@ -173,7 +155,6 @@ def main() -> None:
     if latency:
         sections.append((f"Inference latency, CPU, {args.threads} threads, {args.size}x{args.size}, "
                          f"median of {args.repeats}", latency))
-    sections.append(("Bias-map layer overhead (median, ms)", [bias_map_row(s, args.repeats) for s in (56, 112)]))
     text = "\n\n".join(f"### {title}\n\n{markdown(r)}" for title, r in sections)
     print(text)
     if args.json:

@@ -9,9 +9,19 @@ Bias maps are computed from the input's runtime size. Training-mode BatchNorms a
 
 ``options={"inner": "eager" | "inductor" | callable}`` picks what compiles the rewritten graph
 (default eager); inductor with ``torch._inductor.config.freezing`` constant-folds the fold math.
-With the eager inner compiler the fold computations are memoized on the parameters' identity
-and version counters (``options={"cache": False}`` turns that off): in-place updates and
-``load_state_dict`` are seen; edits through ``tensor.data``, which bypass version counters, are not.
+Eval graphs with ``dynamic=True`` are folded too (``eps`` then arrives as a graph input).
+
+Fold cache (eager inner compiler only; ``options={"cache": False}`` turns it off). Without one,
+every call recomputes the fused weights of the whole model, which at batch 1 costs more than the
+BatchNorms it saves. Keying on identities and version counters is cheap but goes stale: edits
+through ``tensor.data``, ``vector_to_parameters`` and the running statistics a training-mode call
+updates move no version counter. The cache therefore keeps a copy of the tensors each fold read
+and reuses the fold only while they are equal by value (:class:`fxcanon.folders.CachedFold`):
+never stale, at the price of one comparison pass over the folded parameters per call and a
+second copy of them in memory. Measured (``benchmarks/RESULTS.md``, "backend fold cache"): at
+batch 1 and 224x224 the cache costs +10-15% against plain eager where recomputing costs +45-66%;
+at batch 64 both beat plain eager. Folds are not cached while autograd records them. Bias maps
+are computed every call, as in the fused layers.
 """
 
 from __future__ import annotations

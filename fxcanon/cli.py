@@ -13,9 +13,10 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+from torch import nn
 
 from . import passes as passes_module
 from .canonicalize import canonicalize, trace
@@ -27,9 +28,41 @@ RULE_COLUMNS = {FORWARD: "fwd", BACKWARD_VECTOR: "bwd vec", BACKWARD_BIAS_MAP: "
                 THROUGH_LAYOUT: "layout", THRESHOLD: "thresh"}
 
 
+class UsageError(Exception):
+    """Bad command-line input: reported as one line on stderr, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are :class:`UsageError` (one line, no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def load_model(name: str, seed: int = 0) -> nn.Module:
+    """:func:`fxcanon.zoo.build`; a :class:`UsageError` for unknown names and for factories that fail."""
+    try:
+        return build(name, seed)
+    except Exception as error:
+        if ":" in name:
+            raise UsageError(f"model {name!r} could not be built: {type(error).__name__}: {error}") from error
+        if isinstance(error, ValueError) and str(error).startswith("Unknown model"):
+            raise UsageError(f"unknown model {name!r}: give a torchvision model name or package.module:callable") \
+                from error
+        raise
+
+
 def run_one(name: str, size: int, batch: int, lrp_form: bool, check: bool, seed: int) -> dict[str, Any]:
     """Build, trace, canonicalize and check one model; a JSON-ready summary."""
-    model = build(name, seed)
+    model = load_model(name, seed)
     inputs = example_inputs(model, name, size, batch)
     selected = passes_module.DEFAULT_PASSES if lrp_form else passes_module.FOLD_PASSES
     start = time.perf_counter()
@@ -76,21 +109,31 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; bad input is one line on stderr and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["explain"]:
-        from .explain import main as explain
+    try:
+        if argv[:1] == ["explain"]:
+            from .explain import main as explain
 
-        return explain(argv[1:])
-    parser = argparse.ArgumentParser(prog="fxcanon", description="Canonize models: fold every BatchNorm exactly.")
+            return explain(argv[1:])
+        return canonize_main(argv)
+    except UsageError as error:
+        prog = "fxcanon explain" if argv[:1] == ["explain"] else "fxcanon"
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def canonize_main(argv: Sequence[str]) -> int:
+    parser = Parser(prog="fxcanon", description="Canonize models: fold every BatchNorm exactly.")
     parser.add_argument("models", nargs="+", help="torchvision model names, or package.module:callable")
-    parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=positive, default=224, help="input height and width (default 224)")
+    parser.add_argument("--batch", type=positive, default=1)
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and BatchNorm statistics")
     parser.add_argument("--fold-only", action="store_true",
                         help="only fold: no explicit sums, gates and pooling modules")
     parser.add_argument("--no-check", action="store_true", help="skip the float64/float32 equivalence check")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

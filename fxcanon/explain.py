@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import argparse
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .zoo import build
+from .cli import Parser, UsageError, load_model, positive
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -28,7 +28,10 @@ def load_image(path: str | None, size: int) -> tuple[Image.Image, Tensor]:
 
         image = Image.fromarray(data.chelsea())
     else:
-        image = Image.open(path).convert("RGB")
+        try:
+            image = Image.open(path).convert("RGB")
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot read image {path!r}: {error}") from error
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
@@ -62,33 +65,54 @@ def render(rows: list[tuple[str, list[Image.Image]]], labels: Sequence[str], ima
     return canvas
 
 
+def check_output(path: Path) -> None:
+    """Fail before the long computation when the image cannot be written to ``path``."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"output folder {str(folder)!r} does not exist")
+    if path.is_dir():
+        raise UsageError(f"output {str(path)!r} is a folder, not an image file")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"output {str(path)!r}: unknown image type {path.suffix!r} (use .png or .jpg)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .xai import COMPOSITES, attribute
 
-    parser = argparse.ArgumentParser(prog="fxcanon explain",
-                                     description="LRP heatmaps without and with canonization.")
+    parser = Parser(prog="fxcanon explain", description="LRP heatmaps without and with canonization.")
     parser.add_argument("model", help="torchvision model name (random weights unless --weights)")
     parser.add_argument("--image", help="image path (default: a sample photograph from scikit-image)")
     parser.add_argument("--composite", action="append", choices=[c for c in COMPOSITES if c != "rn_custom"],
                         help="repeat for one row per composite (default: epsilon_plus)")
     parser.add_argument("--weights", type=Path, help="state dict to load (torch.load with weights_only=True)")
     parser.add_argument("--target", type=int, help="class to explain (default: the predicted one)")
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--size", type=positive, default=224)
     parser.add_argument("--paper", action="store_true",
                         help="add a column with the paper's explanations (preset='paper') beside fxcanon's defaults")
     parser.add_argument("--out", type=Path, default=Path("explanation.png"))
     args = parser.parse_args(argv)
-    model = build(args.model)
+    check_output(args.out)
+    model = load_model(args.model)
     if args.weights is not None:
-        model.load_state_dict(torch.load(args.weights, weights_only=True, map_location="cpu"))
+        try:
+            model.load_state_dict(torch.load(args.weights, weights_only=True, map_location="cpu"))
+        except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+            raise UsageError(f"cannot load weights {str(args.weights)!r}: {str(error).splitlines()[0]}") from error
     image, x = load_image(args.image, args.size)
     with torch.no_grad():
-        target = int(model(x).argmax(1)) if args.target is None else args.target
+        logits = model(x)
+    classes = logits.shape[1]
+    if args.target is not None and not 0 <= args.target < classes:
+        raise UsageError(f"--target {args.target} is not a class of {args.model} (0 to {classes - 1})")
+    target = int(logits.argmax(1)) if args.target is None else args.target
     columns = {"not canonized": {"canonize": "structural"}, **({"paper preset": {"preset": "paper"}} if args.paper
                                                                else {}), "canonized": {}}
     rows = [(name, [heatmap(attribute(model, x, target, name, **options)[0]) for options in columns.values()])
             for name in args.composite or ["epsilon_plus"]]
     weights = "random weights" if args.weights is None else args.weights.name
-    render(rows, list(columns), image, f"{args.model} ({weights}), class {target}").save(args.out)
+    try:
+        render(rows, list(columns), image, f"{args.model} ({weights}), class {target}").save(args.out)
+    except OSError as error:
+        raise UsageError(f"cannot write {str(args.out)!r}: {error}") from error
     print(args.out)
     return 0

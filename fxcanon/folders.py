@@ -50,7 +50,8 @@ class ModuleFolder:
         reason = check_batchnorm(bn, allow_training)
         if reason is not None:
             return reason
-        s, t = batchnorm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        with torch.no_grad():  # fused tensors keep no autograd link to the caller's parameters
+            s, t = batchnorm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         return Affine(s, t, s)
 
     def supports(self, view: LinearView) -> bool:
@@ -78,45 +79,47 @@ class ModuleFolder:
 
 
 class CachedFold:
-    """A fold function memoized on the identity and version counter of its tensor arguments.
+    """A fold function memoized for graphs that run eagerly, validated by value on every call.
 
-    For graphs that run eagerly: the fused tensors are recomputed only when a parameter is a new
-    tensor or was changed in place (``load_state_dict`` copies in place, so its version moves).
-    Arguments in ``shape_args`` are keyed on shape, dtype and device only (a bias map depends on
-    the input's size, not its values). Not cached while gradients are recorded for an argument;
-    results computed under ``torch.inference_mode`` are reused only there.
+    Each entry keeps a copy of the tensor arguments it was computed from and is reused only while
+    ``torch.equal`` holds for all of them, so no edit goes unseen: in-place updates, edits through
+    ``tensor.data``, ``vector_to_parameters`` and running statistics updated by a training-mode
+    forward alike. Entries are keyed on the arguments' identities (one per module instance that
+    shares the compiled graph). Not cached while gradients are recorded for an argument.
     """
 
-    def __init__(self, fn: Any, shape_args: tuple[int, ...] = (), size: int = 4) -> None:
+    def __init__(self, fn: Any, size: int = 4) -> None:
         functools.update_wrapper(self, fn)
-        self.fn, self.shape_args, self.size = fn, shape_args, size
-        self.store: dict[tuple[Any, ...], Any] = {}
-
-    def _key(self, index: int, value: Any) -> Any:
-        if not isinstance(value, Tensor):
-            return value
-        if index in self.shape_args:
-            return (tuple(value.shape), value.dtype, value.device)
-        if value.is_inference():  # no version counter; fold outputs reused from this cache are never edited
-            return (id(value), value.data_ptr())
-        return (id(value), value._version, value.data_ptr())
+        self.fn, self.size = fn, size
+        self.store: dict[tuple[Any, ...], tuple[list[Tensor], Any]] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self.fn(*args, **kwargs)
-        key = (torch.is_inference_mode_enabled(), *(self._key(i, a) for i, a in enumerate(args)))
-        if key not in self.store:
-            if len(self.store) >= self.size:
-                self.store.pop(next(iter(self.store)))
-            self.store[key] = self.fn(*args, **kwargs)
-        return self.store[key]
+        key = (torch.is_inference_mode_enabled(), *(id(a) if isinstance(a, Tensor) else a for a in args))
+        entry = self.store.get(key)
+        if entry is not None and all(_same(t, copy) for t, copy in zip(tensors, entry[0])):
+            return entry[1]
+        if entry is None and len(self.store) >= self.size:
+            self.store.pop(next(iter(self.store)))
+        result = self.fn(*args, **kwargs)
+        self.store[key] = ([t.clone() for t in tensors], result)
+        return result
+
+
+def _same(tensor: Tensor, copy: Tensor) -> bool:
+    """Equal by value, shape, dtype and device."""
+    return tensor.shape == copy.shape and tensor.dtype == copy.dtype and tensor.device == copy.device \
+        and torch.equal(tensor, copy)
 
 
 class GraphFolder:
     """Emit folds as computations of the parameter nodes (functional layers only).
 
-    With ``cache`` (for graphs run eagerly) each emitted fold is a :class:`CachedFold`; compilers
-    such as inductor get the plain functions to trace (and constant-fold under freezing).
+    With ``cache`` (for graphs run eagerly) each emitted fold of parameters is a :class:`CachedFold`;
+    compilers such as inductor get the plain functions to trace (and constant-fold under freezing).
+    Bias maps are computed on every call, as in the fused layers (``fxcanon.modules.conv_bias_map``).
     """
 
     graph_params = True
@@ -124,8 +127,8 @@ class GraphFolder:
     def __init__(self, cache: bool = False) -> None:
         self.cache = cache
 
-    def _fn(self, fn: Any, shape_args: tuple[int, ...] = ()) -> Any:
-        return CachedFold(fn, shape_args) if self.cache else fn
+    def _fn(self, fn: Any) -> Any:
+        return CachedFold(fn) if self.cache else fn
 
     def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | str:
         if bn.training:
@@ -134,9 +137,12 @@ class GraphFolder:
             return "track_running_stats=False: normalizes with batch statistics even in eval mode"
         if bn.node.op != "call_function":
             return "module call: parameters are not graph inputs"
-        args = [bn.args.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
-        with gm.graph.inserting_before(_last_placeholder_or_attr(gm, args).next):
-            st = gm.graph.call_function(self._fn(batchnorm_affine), (*args, bn.eps))
+        args = [*(bn.args.get(k) for k in ("running_mean", "running_var", "weight", "bias")), bn.eps]
+        anchor = _hoist(gm, args)
+        if anchor is None:
+            return "statistics computed inside the graph"
+        with gm.graph.inserting_before(anchor.next):
+            st = gm.graph.call_function(self._fn(batchnorm_affine), tuple(args))
             s = gm.graph.call_function(operator.getitem, (st, 0))
             t = gm.graph.call_function(operator.getitem, (st, 1))
         return Affine(s, t, None)
@@ -170,7 +176,7 @@ class GraphFolder:
         if not vector:
             with graph.inserting_before(view.node.next):
                 kernel = graph.call_function(operator.getitem, (fused, 2))
-                bias_map = graph.call_function(self._fn(conv_bias_map, shape_args=(0,)), (view.node.args[0], kernel), {
+                bias_map = graph.call_function(conv_bias_map, (view.node.args[0], kernel), {
                     "spatial_dims": view.spatial_dims, "transposed": view.transposed, "stride": view.stride,
                     "padding": view.padding, "dilation": view.dilation, "groups": view.groups,
                     "output_padding": view.output_padding})
@@ -187,14 +193,18 @@ class GraphFolder:
         return node, shift
 
 
-def _last_placeholder_or_attr(gm: GraphModule, args: list[Any]) -> Node:
-    """A node after which ``args`` are all defined: the last placeholder, with get_attr args moved up."""
+def _hoist(gm: GraphModule, args: list[Any]) -> Node | None:
+    """A node after which ``args`` are all defined: the last placeholder, with the args computed
+    from placeholders alone (``get_attr`` nodes; ``eps.item()`` under dynamic shapes) moved up;
+    None if an arg is computed from other nodes."""
+    nodes = [a for a in args if isinstance(a, Node) and a.op != "placeholder"]
+    if not all(n.op == "placeholder" for a in nodes for n in a.all_input_nodes):
+        return None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     anchor = placeholders[-1] if placeholders else next(iter(gm.graph.nodes))
-    for arg in args:
-        if isinstance(arg, Node) and arg.op == "get_attr":
-            anchor.append(arg)
-            anchor = arg
+    for node in nodes:
+        anchor.append(node)
+        anchor = node
     return anchor
 
 

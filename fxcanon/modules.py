@@ -16,25 +16,73 @@ carry two optional Parameters with the weight's layout:
 
 The layer output is ``conv(x, weight) + bias + bias_map(x)``. Rules that zero or clamp biases must
 treat ``bias_kernel`` and ``pad_kernel`` like ``bias`` (zennit's parameter modifiers visit every
-Parameter of a layer; ``zero_params`` must name all three). The bias map is computed per input
-size, device and dtype, and cached outside autograd; the cache is keyed on the kernels'
-identity and version counters, so it is never stale after ``load_state_dict`` or in-place edits.
+Parameter of a layer; ``zero_params`` must name all three). The bias map is computed on every
+forward from the kernels as they are (:func:`conv_bias_map`, also what the ``torch.compile``
+backend emits): never stale, whatever edits the Parameters (``load_state_dict``, ``.data``,
+``vector_to_parameters``), differentiable in the kernels, and free of data-dependent branches, so
+a canonized model exports (``torch.export``) and compiles as one graph. Its cost is one
+convolution of a one-channel map per forward (``benchmarks/RESULTS.md``, "fused layers").
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_CACHE_SIZE = 8
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def _ones_batch1(x: Tensor, spatial_dims: int) -> Tensor:
-    """Ones shaped like ``x`` with batch size 1 (unbatched inputs keep their shape)."""
-    return x.new_ones((1,) * (x.dim() - spatial_dims - 1) + tuple(x.shape[-spatial_dims - 1:]))
+def _channel_sum(kernel: Tensor, transposed: bool, groups: int) -> Tensor:
+    """The kernel of a one-input-channel layer (groups=1) with the same response to all-ones:
+    input channels summed within each group, ``(out, 1, k...)`` for ConvNd, ``(1, out, k...)`` for
+    ConvTransposeNd (whose weight is ``(in, out/groups, k...)``)."""
+    if not transposed:
+        return kernel.sum(1, keepdim=True)
+    in_channels, per_group = kernel.shape[:2]
+    grouped = kernel.reshape(groups, in_channels // groups, per_group, *kernel.shape[2:])
+    return grouped.sum(1).reshape(1, groups * per_group, *kernel.shape[2:])
+
+
+def _masks(x: Tensor, spatial_dims: int, input_pad: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+    """One-channel all-ones of x's spatial size (batch 1; unbatched stays unbatched), split into
+    the interior and the ring of an explicit padding ``input_pad`` (None without one)."""
+    shape = (1,) * (x.dim() - spatial_dims) + tuple(x.shape[x.dim() - spatial_dims:])
+    if not input_pad:
+        return x.new_ones(shape), None
+    inner = list(shape)
+    for i in range(len(input_pad) // 2):
+        inner[-1 - i] -= input_pad[2 * i] + input_pad[2 * i + 1]
+    interior = F.pad(x.new_ones(inner), input_pad)
+    return interior, 1 - interior
+
+
+def conv_bias_map(x: Tensor, bias_kernel: Tensor | None, pad_kernel: Tensor | None = None, *, spatial_dims: int,
+                  transposed: bool, stride: tuple[int, ...], padding: tuple[int, ...] | str,
+                  dilation: tuple[int, ...], groups: int, output_padding: tuple[int, ...] = (),
+                  input_pad: tuple[int, ...] = ()) -> Tensor:
+    """The position-dependent bias for input ``x`` (A.10-A.20), broadcasting over the batch:
+    ``conv(P(1), bias_kernel) + conv(ring, pad_kernel)`` for a (transposed) convolution with these
+    hyperparameters, ``P(1)`` being all-ones of x's size inside an explicit padding ``input_pad``.
+
+    Computed on one input channel: all-ones look alike in every channel, so each kernel is summed
+    over its input channels first (``in/groups`` times fewer products than a convolution of
+    all-ones). No cache and no data-dependent branch: right after any edit of the kernels, and
+    one graph under ``torch.export`` and ``torch.compile``.
+    """
+    interior, ring = _masks(x, spatial_dims, input_pad)
+    responses = []
+    for mask, kernel in ((interior, bias_kernel), (ring, pad_kernel)):
+        if kernel is not None:
+            summed = _channel_sum(kernel.to(x.dtype), transposed, groups)
+            responses.append(
+                _CONV_TRANSPOSE[spatial_dims](mask, summed, None, stride, padding, output_padding, 1, dilation)
+                if transposed else _CONV[spatial_dims](mask, summed, None, stride, padding, dilation, 1))
+    return responses[0] if len(responses) == 1 else responses[0] + responses[1]
 
 
 class _BiasMapMixin:
@@ -49,47 +97,19 @@ class _BiasMapMixin:
         self.register_parameter("bias_kernel", None)
         self.register_parameter("pad_kernel", None)
         self.input_pad = ()
-        self._bias_map_cache: dict[tuple[Any, ...], Tensor] = {}
 
     @property
     def has_bias_map(self) -> bool:
         return self.bias_kernel is not None or self.pad_kernel is not None
 
-    def _masks(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """All-ones input of x's size (batch 1), split into interior and explicit-padding ring."""
-        ones = _ones_batch1(x, len(self.kernel_size))
-        if not self.input_pad:
-            return ones, None
-        inner = list(ones.shape)
-        for i in range(len(self.input_pad) // 2):
-            inner[-1 - i] -= self.input_pad[2 * i] + self.input_pad[2 * i + 1]
-        interior = F.pad(x.new_ones(inner), self.input_pad)
-        return interior, 1 - interior
-
-    def bias_map(self, x: Tensor, output_size: list[int] | None = None) -> Tensor | None:
+    def bias_map(self, x: Tensor, output_padding: tuple[int, ...] = ()) -> Tensor | None:
         """The position-dependent bias for input ``x`` (broadcasts over the batch), or None."""
         if not self.has_bias_map:
             return None
-        kernels = [k for k in (self.bias_kernel, self.pad_kernel) if k is not None]
-        cacheable = not (torch.is_grad_enabled() and any(k.requires_grad for k in kernels))
-        key = (tuple(x.shape[1:]), x.dim(), x.device, x.dtype, None if output_size is None else tuple(output_size),
-               *((id(k), k._version, k.data_ptr()) for k in kernels))
-        if cacheable and key in self._bias_map_cache:
-            return self._bias_map_cache[key]
-        interior, ring = self._masks(x)
-        result = None
-        for mask, kernel in ((interior, self.bias_kernel), (ring, self.pad_kernel)):
-            if kernel is not None:
-                response = self._response(mask, kernel.to(x.dtype), output_size)
-                result = response if result is None else result + response
-        if cacheable:
-            if len(self._bias_map_cache) >= _CACHE_SIZE:
-                self._bias_map_cache.pop(next(iter(self._bias_map_cache)))
-            self._bias_map_cache[key] = result
-        return result
-
-    def _response(self, mask: Tensor, kernel: Tensor, output_size: list[int] | None) -> Tensor:
-        raise NotImplementedError
+        return conv_bias_map(x, self.bias_kernel, self.pad_kernel, spatial_dims=len(self.kernel_size),
+                             transposed=self.transposed, stride=self.stride, padding=self.padding,
+                             dilation=self.dilation, groups=self.groups, output_padding=output_padding,
+                             input_pad=self.input_pad)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -101,9 +121,6 @@ class _BiasMapMixin:
 
 
 class _FusedConvNd(_BiasMapMixin):
-    def _response(self, mask: Tensor, kernel: Tensor, output_size: list[int] | None) -> Tensor:
-        return self._conv_forward(mask, kernel, None)
-
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)
         bias_map = self.bias_map(x)
@@ -111,39 +128,24 @@ class _FusedConvNd(_BiasMapMixin):
 
 
 class _FusedConvTransposeNd(_BiasMapMixin):
-    def _response(self, mask: Tensor, kernel: Tensor, output_size: list[int] | None) -> Tensor:
-        spatial = len(self.kernel_size)
-        output_padding = self._output_padding(mask, output_size, self.stride, self.padding, self.kernel_size,
-                                              spatial, self.dilation)
-        return _CONV_TRANSPOSE[spatial](mask, kernel, None, self.stride, self.padding, output_padding,
-                                        self.groups, self.dilation)
-
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         y = super().forward(x, output_size)
-        bias_map = self.bias_map(x, output_size)
-        return y if bias_map is None else y + bias_map
+        if not self.has_bias_map:
+            return y
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
+                                              len(self.kernel_size), self.dilation)
+        return y + self.bias_map(x, tuple(output_padding))
 
 
 def threshold_relu(x: Tensor, threshold: Tensor, sign: Tensor) -> Tensor:
-    """``h(x)`` of :class:`ThresholdReLU` for per-channel (dim 1) ``threshold`` and ``sign``."""
+    """``h(x)`` of :class:`ThresholdReLU` for per-channel (dim 1) ``threshold`` and ``sign``: ``x``
+    clamped from below at ``threshold`` where ``sign > 0``, from above where ``sign < 0``, and to
+    ``threshold = 0`` where ``sign == 0``. Branch-free (one graph under ``torch.export`` and
+    ``torch.compile``); NaN propagates as in ReLU."""
     shape = (-1,) + (1,) * (x.dim() - 2)
-    sign = sign.to(x.dtype).reshape(shape)
-    return sign * torch.maximum(sign * x, sign * threshold.to(x.dtype).reshape(shape))
-
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def conv_bias_map(x: Tensor, kernel: Tensor, *, spatial_dims: int, transposed: bool, stride: tuple[int, ...],
-                  padding: tuple[int, ...] | str, dilation: tuple[int, ...], groups: int,
-                  output_padding: tuple[int, ...] = ()) -> Tensor:
-    """The response of a zero-padded (transposed) convolution with ``kernel`` to all-ones of x's size
-    (batch 1): the position-dependent bias of a BatchNorm folded into the layer's input (A.10-A.20)."""
-    ones = _ones_batch1(x, spatial_dims)
-    if transposed:
-        return _CONV_TRANSPOSE[spatial_dims](ones, kernel, None, stride, padding, output_padding, groups, dilation)
-    return _CONV[spatial_dims](ones, kernel, None, stride, padding, dilation, groups)
+    theta, sign = threshold.to(x.dtype).reshape(shape), sign.reshape(shape)
+    upper, lower = theta.masked_fill(sign > 0, math.inf), theta.masked_fill(sign < 0, -math.inf)
+    return torch.maximum(torch.minimum(x, upper), lower)
 
 
 class ThresholdReLU(nn.ReLU):
@@ -162,8 +164,6 @@ class ThresholdReLU(nn.ReLU):
         self.register_buffer("sign", sign)
 
     def forward(self, x: Tensor) -> Tensor:
-        if bool((self.sign > 0).all()):  # the common case, one op
-            return torch.maximum(x, self.threshold.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 2)))
         return threshold_relu(x, self.threshold, self.sign)
 
     def extra_repr(self) -> str:

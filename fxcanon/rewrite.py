@@ -37,11 +37,14 @@ def layer_tensors(view: LinearView) -> LayerTensors:
 
 
 def _like(value: Tensor, reference: Tensor) -> nn.Parameter:
-    """``value`` as a Parameter with the dtype, device, memory format and grad flag of ``reference``."""
-    out = value.to(dtype=reference.dtype, device=reference.device)
-    for fmt, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-        if out.dim() == rank and reference.is_contiguous(memory_format=fmt) and not reference.is_contiguous():
-            out = out.contiguous(memory_format=fmt)
+    """A new Parameter holding ``value`` with the dtype, device, memory format and grad flag of
+    ``reference``; always a copy, so the canonized model shares no storage with the caller's."""
+    fmt = torch.preserve_format
+    for channels_last, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if value.dim() == rank and reference.is_contiguous(memory_format=channels_last) \
+                and not reference.is_contiguous():
+            fmt = channels_last
+    out = value.detach().to(dtype=reference.dtype, device=reference.device, memory_format=fmt, copy=True)
     return nn.Parameter(out, requires_grad=reference.requires_grad)
 
 

@@ -235,7 +235,7 @@ class BatchNormView:
     running_var: Tensor | None
     weight: Tensor | None
     bias: Tensor | None
-    eps: float
+    eps: float | Node  # a graph input under torch.compile(dynamic=True)
     training: bool
     accepted_ranks: tuple[int, ...] | None  # ranks the call itself enforces
     args: dict[str, Any] = field(default_factory=dict)  # a functional call's arguments by name

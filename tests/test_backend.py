@@ -1,5 +1,7 @@
 """torch.compile(model, backend="fxcanon"): folds inside Dynamo graphs, never stale."""
 
+import functools
+import operator
 import subprocess
 import sys
 import textwrap
@@ -7,8 +9,10 @@ import textwrap
 import pytest
 import torch
 from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import fxcanon  # noqa: F401  (registers the backend; the entry point does it without the import)
 from fxcanon.equivalence import randomize_batchnorms, relative_error
@@ -178,3 +182,151 @@ def test_explicit_constant_padding_is_left_in_graphs():
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(compiled(model)(x), model(x)) < 1e-12
+
+
+class SideBranchReLU(nn.Module):
+    """An in-place ReLU on the BatchNorm's input, after the BatchNorm read it (issue 9, 3a)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        self.conv2, self.conv3 = nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        y = self.bn(h)
+        z = self.relu(h)
+        return self.conv2(y) + self.conv3(z)
+
+
+class MutatedOutput(nn.Module):
+    """The BatchNorm's output edited in place before the layer reads it (issue 9, 3b and 3c)."""
+
+    def __init__(self, edit):
+        super().__init__()
+        self.bn, self.conv, self.edit = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3, padding=1), edit
+
+    def forward(self, x):
+        y = self.bn(x)
+        self.edit(y)
+        return self.conv(y)
+
+
+# in-place spellings as they reach the backend: call_method relu_/add_/mul_ (also on a view),
+# torch.relu_, F.relu(..., inplace=True) (nn.ReLU(inplace=True) too), operator.iadd, operator.setitem
+IN_PLACE_EDITS = {
+    "method_relu_": lambda y: y.relu_(),
+    "torch_relu_": torch.relu_,
+    "functional_relu_inplace": lambda y: F.relu(y, inplace=True),
+    "module_relu_inplace": nn.ReLU(inplace=True),
+    "method_add_": lambda y: y.add_(1.0),
+    "operator_iadd": lambda y: operator.iadd(y, 1.0),
+    "view_mul_": lambda y: y.view(y.shape[0], -1).mul_(-2.0),
+    "setitem": lambda y: y.__setitem__((slice(None), 0), 0.5),
+}
+IN_PLACE_MODELS = {"side_branch_relu": SideBranchReLU, **{name: functools.partial(MutatedOutput, edit)
+                                                         for name, edit in IN_PLACE_EDITS.items()}}
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("name", IN_PLACE_MODELS)
+def test_in_place_edits_around_a_batchnorm(name, inner):
+    torch.manual_seed(0)
+    model = randomize_batchnorms(IN_PLACE_MODELS[name]()).eval().double()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x.clone())
+        assert relative_error(compiled(model, inner=inner)(x.clone()), expected) < 1e-10
+
+
+def frozen_block():
+    """Block with BatchNorms whose affine parameters never change (affine=False)."""
+    model = block(6)
+    model.bn1, model.bn2 = nn.BatchNorm2d(4, affine=False), nn.BatchNorm2d(4, affine=False)
+    return randomize_batchnorms(model, 6).eval().double()
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_running_statistics_updated_by_a_training_forward_are_seen(inner):
+    model = frozen_block()
+    fast = compiled(model, inner=inner)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        fast(x)
+        for _ in range(2):
+            model.train()
+            fast(x + 1.0)  # updates running_mean and running_var in place
+            model.eval()
+            assert relative_error(fast(x), model(x)) < 1e-12
+
+
+@pytest.mark.parametrize("edit", ["vector_to_parameters", "data"])
+def test_edits_that_bypass_version_counters_are_seen(edit):
+    model = block(8).double()
+    fast = compiled(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(20):
+            fast(x)
+            if edit == "vector_to_parameters":
+                vector = parameters_to_vector(model.parameters())
+                vector_to_parameters(torch.randn_like(vector), model.parameters())
+            else:
+                model.bn2.running_mean.data.add_(1.0)
+                model.conv2.weight.data.mul_(-1.5)
+            assert relative_error(fast(x), model(x)) < 1e-12
+
+
+@st.composite
+def edit_sequences(draw):
+    """What happens to a model between calls: eval calls at other batch sizes, a training-mode call,
+    an edit through ``.data`` or ``vector_to_parameters``."""
+    steps = st.one_of(st.tuples(st.just("batch"), st.integers(1, 3)), st.tuples(st.just("train"), st.just(0)),
+                      st.tuples(st.just("data"), st.floats(0.5, 2.0)), st.tuples(st.just("vector"), st.integers(0, 99)))
+    return draw(st.lists(steps, min_size=1, max_size=4))
+
+
+def _apply(model, step, x):
+    kind, value = step
+    if kind == "train":
+        model.train()
+        model(torch.cat([x, x + 1.0]))
+        model.eval()
+    elif kind == "data":
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.is_floating_point():
+                tensor.data.mul_(value)
+    elif kind == "vector":
+        vector = parameters_to_vector(model.parameters())
+        vector_to_parameters(torch.randn(vector.shape, generator=torch.Generator().manual_seed(value),
+                                         dtype=vector.dtype), model.parameters())
+
+
+@settings(max_examples=max(4, settings.default.max_examples // 10))
+@given(case=conv_models(), steps=edit_sequences())
+def test_backend_is_never_stale(case, steps):
+    model, inputs = case
+    assume(runs(model, inputs))
+    model = model.double()
+    x = inputs[0][0].double()
+    fast = compiled(model)
+    with torch.no_grad():
+        fast(x)
+        for step in steps:
+            _apply(fast, step, x)
+            batch = x.repeat(step[1], *([1] * (x.dim() - 1))) if step[0] == "batch" else x
+            assert relative_error(fast(batch), model(batch)) < 1e-10
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_dynamic_shapes(inner):
+    model = block(9).double()
+    recorder = Recorder() if inner == "eager" else None
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="fxcanon", dynamic=True, options={"inner": recorder or inner})
+    with torch.no_grad():
+        for size in ((2, 5, 7), (3, 8, 6)):
+            x = torch.randn(size[0], 3, *size[1:], dtype=torch.float64)
+            assert relative_error(fast(x), model(x)) < 1e-12
+    assert recorder is None or (recorder.graphs and not recorder.batchnorms())
