@@ -14,6 +14,7 @@ In-place spellings recognised: ``x.op_()`` methods and ``torch.op_`` functions, 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from collections.abc import Iterable
@@ -57,6 +58,7 @@ _FRESH_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._Batc
 _LIBRARIES = ("torch", "torchvision", "operator", "_operator", "math", "builtins", "fxcanon")
 
 
+@functools.lru_cache(maxsize=None)
 def _is_library(obj: Any) -> bool:
     """True for torch's, torchvision's, Python's and fxcanon's own functions and modules, whose in-place
     behaviour the rules above know; code of the user's that the graph calls opaquely may change
@@ -65,22 +67,30 @@ def _is_library(obj: Any) -> bool:
     return module.split(".")[0] in _LIBRARIES
 
 
+@functools.lru_cache(maxsize=None)
+def _inplace_position(target: Any) -> int | None:
+    """Position of a function's ``inplace`` parameter, or None if it has none."""
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
 def _inplace_flag(target: Any, node: Node) -> bool:
     """True if a functional call passes ``inplace=True`` (by keyword or position)."""
     if node.kwargs.get("inplace") is True:
         return True
     try:
-        names = list(inspect.signature(target).parameters)
-    except (TypeError, ValueError):
+        index = _inplace_position(target)
+    except TypeError:  # not hashable
         return False
-    if "inplace" not in names:
-        return False
-    index = names.index("inplace")
-    return len(node.args) > index and node.args[index] is True
+    return index is not None and len(node.args) > index and node.args[index] is True
 
 
-def mutated_args(gm: GraphModule, node: Node) -> list[Node]:
-    """The argument nodes that ``node`` changes in place (empty for out-of-place ops)."""
+def mutated_args(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None = None) -> list[Node]:
+    """The argument nodes that ``node`` changes in place (empty for out-of-place ops); ``modules``:
+    ``dict(gm.named_modules())`` when the caller has it."""
     targets: list[Any] = []
     if isinstance(node.kwargs.get("out"), (Node, tuple, list)):
         targets.append(node.kwargs["out"])
@@ -96,7 +106,7 @@ def mutated_args(gm: GraphModule, node: Node) -> list[Node]:
                                          and name not in _NOT_MUTATING_METHODS) or _inplace_flag(node.target, node):
             targets.append(first)
     elif node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = modules[node.target] if modules is not None else gm.get_submodule(str(node.target))
         if getattr(module, "inplace", False) is True:
             targets.append(first)
         elif not _is_library(type(module)):  # a leaf module of the user's: its code is not in the graph
@@ -108,18 +118,18 @@ def mutated_args(gm: GraphModule, node: Node) -> list[Node]:
     return found
 
 
-def returns_fresh(gm: GraphModule, node: Node) -> bool:
+def returns_fresh(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None = None) -> bool:
     """True if ``node`` returns a tensor that aliases none of its arguments."""
     if node.op in ("get_attr", "output"):
         return True
-    if mutated_args(gm, node):
+    if mutated_args(gm, node, modules):
         return False
     if node.op == "call_function":
         return node.target in _FRESH_FUNCTIONS
     if node.op == "call_method":
         return node.target in _FRESH_METHODS
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = modules[node.target] if modules is not None else gm.get_submodule(str(node.target))
         return isinstance(module, _FRESH_MODULES) or (isinstance(module, nn.ReLU) and not module.inplace)
     return False
 
@@ -137,13 +147,15 @@ class AliasAnalysis:
         for node in gm.graph.nodes:  # one tensor read twice
             if node.op == "get_attr":
                 self._union(node, attributes.setdefault(node.target, node))
+        modules = dict(gm.named_modules())
+        mutated = {node: mutated_args(gm, node, modules) for node in gm.graph.nodes}
         for node in gm.graph.nodes:
-            if not returns_fresh(gm, node):
+            if mutated[node] or not returns_fresh(gm, node, modules):
                 for arg in node.all_input_nodes:
                     self._union(node, arg)
         self.mutators: dict[Node, list[Node]] = {}
-        for node in gm.graph.nodes:
-            for arg in mutated_args(gm, node):
+        for node, args in mutated.items():
+            for arg in args:
                 self.mutators.setdefault(self._find(arg), []).append(node)
 
     def _find(self, node: Node) -> Node:
@@ -157,6 +169,11 @@ class AliasAnalysis:
         ra, rb = self._find(a), self._find(b)
         if ra is not rb:
             self._parent[ra] = rb
+
+    @property
+    def mutates(self) -> bool:
+        """True if anything in the graph changes a tensor in place."""
+        return bool(self.mutators)
 
     def mutated_attributes(self) -> set[str]:
         """Targets of ``get_attr`` tensors (parameters, buffers) that the graph changes in place."""
@@ -180,16 +197,18 @@ def _reads_attribute(node: Node, attributes: set[str]) -> bool:
 
 
 def fold_hazard(gm: GraphModule, calls: Iterable[Node], output: Node | None = None, source: Node | None = None,
-                read_at: Node | None = None, ignore: Iterable[Node] = ()) -> str | None:
+                read_at: Node | None = None, ignore: Iterable[Node] = (),
+                aliases: AliasAnalysis | None = None) -> str | None:
     """Why a fold is not exact in the presence of in-place ops, or None.
 
     ``calls`` are the BatchNorm and layer calls whose parameters the fold bakes in: the graph must
     not change those parameters. A backward fold removes ``output`` (the BatchNorm's or its ReLU's)
     and makes its users read ``source`` (the BatchNorm's input, first read at ``read_at``) instead:
     nothing may change ``output`` in place (``ignore``: the folded in-place ReLU itself), nor
-    ``source`` after ``read_at``.
+    ``source`` after ``read_at``. ``aliases``: an analysis of the graph that is still right (one of
+    a graph without in-place ops stays right after folds, which add none).
     """
-    aliases = AliasAnalysis(gm)
+    aliases = aliases if aliases is not None else AliasAnalysis(gm)
     if output is not None:
         changed = aliases.mutations(output, ignore=ignore)
         if changed:
