@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from .canonicalize import canonicalize
 from .datasets import Data
-from .metrics import COLUMNS, TABLE_COLUMNS, Preset, score_image
+from .metrics import COLUMNS, TABLE_COLUMNS, Bound, Preset, score_batch
 from .passes import STRUCTURAL_PASSES
 
 POOLINGS = ("sum", "max_norm", "pos_sq_sum")
@@ -66,18 +65,6 @@ def explain_fn(model: nn.Module, inputs: np.ndarray | Tensor, targets: np.ndarra
     return pool(relevance, pooling).detach().cpu().numpy()
 
 
-class Bound(nn.Module):
-    """``model`` with its inputs after the image fixed (a Relation Network's question)."""
-
-    def __init__(self, model: nn.Module, *extra: Tensor) -> None:
-        super().__init__()
-        self.model, self.extra = model, extra
-        self.train(model.training)
-
-    def forward(self, image: Tensor) -> Tensor:
-        return self.model(image, *self.extra)
-
-
 def prepare(model: nn.Module, example_inputs: Sequence[Tensor]) -> dict[bool, nn.Module]:
     """The model canonized (``True``) and with the structural passes only (``False``), once each."""
     model = model.eval()
@@ -91,11 +78,6 @@ def as_data(data: Data | tuple[Tensor, ...]) -> Data:
     x, y, *rest = data
     return Data(torch.as_tensor(x).float(), torch.as_tensor(y).long(), rest[0] if rest else None,
                 low=float(x.min()), high=float(x.max()))
-
-
-def image_seed(x: Tensor, seed: int) -> int:
-    """A seed from an image's bytes: its random draws depend on nothing else."""
-    return zlib.crc32(x.detach().cpu().numpy().tobytes()) ^ seed
 
 
 def composite_arguments(name: Any, data: Data) -> dict[str, Any]:
@@ -114,22 +96,20 @@ def score_all(models: dict[bool, nn.Module], data: Data, explainers: dict[str, C
     bar = tqdm(total=len(explainers) * len(models) * len(data), desc=desc, disable=not progress, file=sys.stderr)
     for name, explain in explainers.items():
         for canonized, model in models.items():
-            explanations = []
+            explanations, batch_curves = [], []
             for start in range(0, len(data), batch_size):
                 part = data[start:start + batch_size]
-                explanations.append(explain(Bound(model, *part.extra), part.x, part.y))
+                a = explain(Bound(model, *part.extra), part.x, part.y)
+                scores, curve = score_batch(model, part.x, part.y, a, part.mask, explain, extra=part.extra,
+                                            num_classes=data.num_classes, preset=preset, seed=seed,
+                                            columns=tuple(columns))
+                records += [{"explainer": name, "canonized": canonized, "image": start + i, **row}
+                            for i, row in enumerate(scores)]
+                explanations.append(a)
+                batch_curves.append(curve)
+                bar.update(len(part))
             maps[name, canonized] = np.concatenate(explanations)
-            rows = []
-            for i in range(len(data)):
-                one = data[i:i + 1]
-                bound = Bound(model, *one.extra)
-                scores, curve = score_image(bound, one.x, int(one.y), maps[name, canonized][i:i + 1], one.mask,
-                                            explain, num_classes=data.num_classes, preset=preset,
-                                            seed=image_seed(one.x, seed), columns=tuple(columns))
-                records.append({"explainer": name, "canonized": canonized, "image": i, **scores})
-                rows.append(curve)
-                bar.update()
-            curves[name, canonized] = np.array(rows)
+            curves[name, canonized] = np.concatenate(batch_curves)
     bar.close()
     return records, curves, maps
 

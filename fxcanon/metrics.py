@@ -23,6 +23,7 @@ divisor closest to the paper's 448 of 224 * 224 pixels (32 pixels, 128 steps, at
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,17 +84,53 @@ def get_preset(preset: str | Preset) -> Preset:
     return PRESETS[preset]
 
 
-class PixelMask(nn.Module):
-    """``model`` applied to ``image`` with the pixels where the (N, 1, H, W) input is 0 set to ``baseline``."""
+class Bound(nn.Module):
+    """``model`` with its inputs after the image fixed (a Relation Network's question)."""
 
-    def __init__(self, model: nn.Module, image: Tensor, baseline: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, *extra: Tensor) -> None:
         super().__init__()
-        self.model, self.image, self.baseline = model, image, baseline
+        self.model, self.extra = model, extra
+        self.train(model.training)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.model(image, *self.extra)
+
+
+class PixelMask(nn.Module):
+    """``model`` applied to ``images`` with the pixels where the (N, 1, H, W) input is 0 set to ``baseline``."""
+
+    def __init__(self, model: nn.Module, images: Tensor, baseline: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.images, self.baseline = model, images, baseline
         self.train(model.training)
 
     def forward(self, keep: Tensor) -> Tensor:
-        keep = keep.to(self.image)
-        return self.model(self.image * keep + self.baseline * (1 - keep))
+        keep = keep.to(self.images)
+        return self.model(self.images * keep + self.baseline * (1 - keep))
+
+
+def image_seed(image: np.ndarray, seed: int) -> int:
+    """A seed from an image's bytes and ``seed``: the random draws for an image depend on nothing else."""
+    return zlib.crc32(np.ascontiguousarray(image).tobytes()) ^ (seed % 2 ** 32)
+
+
+class ImageSeededNoise:
+    """Quantus' uniform noise, drawn per image from a generator seeded by the image itself, so the
+    noise an image gets does not depend on its batch (Quantus draws one array per batch)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.generators = seed, {}
+
+    def __call__(self, arr: np.ndarray, indices: np.ndarray, lower_bound: float, **_: Any) -> np.ndarray:
+        perturbed = arr.copy()
+        seen: dict[int, int] = {}
+        for row, image in enumerate(arr):
+            key = image_seed(image, self.seed)
+            seen[key] = seen.get(key, -1) + 1  # a repeated image gets its own stream
+            generator = self.generators.setdefault((key, seen[key]), np.random.default_rng([key, seen[key]]))
+            noise = generator.uniform(-lower_bound, lower_bound, image.shape).astype(arr.dtype)
+            perturbed[row, indices[row]] += noise[indices[row]]
+        return perturbed
 
 
 def flip_step(pixels: int, fraction: float) -> int:
@@ -123,62 +160,61 @@ def _common(quantus: Any) -> dict[str, Any]:
             "display_progressbar": False}
 
 
-def score_image(model: nn.Module, x: Tensor, y: int, a: np.ndarray, mask: Tensor | None,
-                explain: Callable[..., np.ndarray], *, num_classes: int, preset: str | Preset = "paper",
-                seed: int = 0, columns: tuple[str, ...] = tuple(COLUMNS)) -> tuple[dict[str, float], np.ndarray]:
-    """Scores of one explanation ``a`` (1, 1, H, W) of image ``x`` (1, C, H, W) for class ``y``, and
-    the pixel-flipping curve (probability of ``y`` after each step).
+def score_batch(model: nn.Module, x: Tensor, y: Tensor, a: np.ndarray, mask: Tensor | None,
+                explain: Callable[..., np.ndarray], *, extra: tuple[Tensor, ...] = (), num_classes: int,
+                preset: str | Preset = "paper", seed: int = 0, columns: tuple[str, ...] = tuple(COLUMNS)
+                ) -> tuple[list[dict[str, float]], np.ndarray]:
+    """Scores of the explanations ``a`` (N, 1, H, W) of images ``x`` (N, C, H, W) for classes ``y``,
+    one dict per image, and the pixel-flipping curves (N, steps: probability of ``y`` after each step).
 
-    ``model`` takes the image alone (bind further inputs first); ``explain`` is the Quantus explain
-    function used by the metrics that explain again (random logit, sensitivities). Columns that
-    need a mask are NaN without one.
+    ``extra`` are the model's further inputs per image; ``explain`` is the Quantus explain function
+    used by the metrics that explain again (random logit, sensitivities). Columns that need a mask
+    are NaN without one. An image's scores do not depend on the other images of the batch.
     """
     quantus, settings = _quantus(), get_preset(preset)
     common = _common(quantus)
-    x_np, y_np, pixels = x.detach().numpy(), np.array([y]), x.shape[-1] * x.shape[-2]
-    s_np = None if mask is None else mask.detach().numpy().astype(float)
-    keep = np.ones((1, 1, *x.shape[-2:]), np.float32)
-    masked = PixelMask(model, x.detach())
-    call = {"x_batch": x_np, "y_batch": y_np, "a_batch": a, "explain_func": explain, "batch_size": 1}
-    scores: dict[str, float] = {}
-    curve = np.array([])
-
-    def seeded(offset: int) -> None:
-        np.random.seed((seed * 1_000_003 + offset) % 2 ** 32)
-
+    n, pixels = len(x), x.shape[-1] * x.shape[-2]
+    x_np, y_np = x.detach().cpu().numpy(), y.detach().cpu().numpy()
+    model = Bound(model, *extra)
+    call = {"x_batch": x_np, "y_batch": y_np, "a_batch": a, "explain_func": explain, "batch_size": n}
+    masked_call = {**call, "model": PixelMask(model, x.detach()), "x_batch": np.ones((n, 1, *x.shape[-2:]), np.float32)}
+    scores: dict[str, np.ndarray] = {}
+    curves = np.zeros((n, 0))
     if "sparseness" in columns:
-        scores["sparseness"] = quantus.Sparseness(abs=True, **common)(model=model, **call)[0]
-    if "faithfulness_correlation" in columns:
-        seeded(1)
-        metric = quantus.FaithfulnessCorrelation(
-            nr_runs=settings.faithfulness_runs, subset_size=max(1, round(settings.faithfulness_fraction * pixels)),
-            perturb_baseline=0.0, abs=False, return_aggregate=False, **common)
-        scores["faithfulness_correlation"] = metric(model=masked, **{**call, "x_batch": keep})[0]
+        scores["sparseness"] = quantus.Sparseness(abs=True, **common)(model=model, **call)
     if {"aopc", "aopc_paper"} & set(columns):
         metric = quantus.PixelFlipping(features_in_step=flip_step(pixels, settings.flip_fraction),
                                        perturb_baseline=0.0, abs=False, **{**common, "normalise": False})
-        curve = np.asarray(metric(model=masked, **{**call, "x_batch": keep}, softmax=True)[0])
+        curves = np.asarray(metric(**masked_call, softmax=True))
         with torch.no_grad():
-            unperturbed = float(torch.softmax(model(x), 1)[0, y])
-        scores["aopc"], scores["aopc_paper"] = aopc(curve, unperturbed), aopc(curve[1:], curve[0])
+            unperturbed = torch.softmax(model(x), 1)[torch.arange(n), y].numpy()
+        scores["aopc"] = np.array([aopc(c, p) for c, p in zip(curves, unperturbed)])
+        scores["aopc_paper"] = np.array([aopc(c[1:], c[0]) for c in curves])
     for name, metric_class in (("rma", quantus.RelevanceMassAccuracy), ("rra", quantus.RelevanceRankAccuracy)):
         if name in columns:
-            scores[name] = np.nan if s_np is None else metric_class(abs=True, **common)(model=model, s_batch=s_np,
-                                                                                      **call)[0]
-    if "random_logit" in columns:
-        metric = quantus.RandomLogit(num_classes=num_classes, seed=(seed * 1_000_003 + 2) % 2 ** 32, abs=False,
-                                     **common)
-        scores["random_logit"] = metric(model=model, **call)[0]
-    norm_of_input = functools.partial(_input_norm, float(np.linalg.norm(x_np)))
-    for offset, (name, metric_class) in enumerate((("avg_sensitivity", quantus.AvgSensitivity),
-                                                   ("max_sensitivity", quantus.MaxSensitivity)), 3):
+            scores[name] = np.full(n, np.nan) if mask is None else metric_class(abs=True, **common)(
+                model=model, s_batch=mask.detach().cpu().numpy().astype(float), **call)
+    input_norms = np.linalg.norm(x_np.reshape(n, -1), axis=1)
+    for name, metric_class in (("avg_sensitivity", quantus.AvgSensitivity),
+                               ("max_sensitivity", quantus.MaxSensitivity)):
         if name in columns:
-            seeded(offset)
             metric = metric_class(nr_samples=settings.sensitivity_samples, lower_bound=settings.noise,
-                                  norm_denominator=norm_of_input, abs=False, **common)
-            scores[name] = metric(model=model, **call)[0]
-    return {k: float(v) for k, v in scores.items()}, curve
-
-
-def _input_norm(norm: float, a: np.ndarray, **_: Any) -> np.ndarray:
-    return np.full(a.shape[0], norm)
+                                  perturb_func=ImageSeededNoise(seed), norm_denominator=lambda a, **_: input_norms,
+                                  abs=False, **common)
+            scores[name] = metric(model=model, **call)
+    for i in range(n):  # Quantus draws these per batch from numpy's global state: one image at a time
+        one = {**call, "x_batch": x_np[i:i + 1], "y_batch": y_np[i:i + 1], "a_batch": a[i:i + 1], "batch_size": 1}
+        image = image_seed(x_np[i], seed)
+        if "faithfulness_correlation" in columns:
+            np.random.seed(image)
+            metric = quantus.FaithfulnessCorrelation(
+                nr_runs=settings.faithfulness_runs, subset_size=max(1, round(settings.faithfulness_fraction * pixels)),
+                perturb_baseline=0.0, abs=False, return_aggregate=False, **common)
+            scores.setdefault("faithfulness_correlation", np.full(n, np.nan))[i] = metric(
+                **{**one, "model": PixelMask(Bound(model.model, *(e[i:i + 1] for e in extra)), x[i:i + 1].detach()),
+                   "x_batch": masked_call["x_batch"][i:i + 1]})[0]
+        if "random_logit" in columns:
+            metric = quantus.RandomLogit(num_classes=num_classes, seed=image, abs=False, **common)
+            scores.setdefault("random_logit", np.full(n, np.nan))[i] = metric(
+                model=Bound(model.model, *(e[i:i + 1] for e in extra)), **one)[0]
+    return [{k: float(v[i]) for k, v in scores.items()} for i in range(n)], curves

@@ -47,8 +47,8 @@ def small_efficientnet(num_classes: int) -> nn.Module:
 
 
 def small_relation_network(num_classes: int, vocabulary: int) -> nn.Module:
-    """The Relation Network for 64x64 Sort-of-CLEVR images (padded convolutions: 4x4 objects)."""
-    return RelationNetwork(image_size=64, padding=1, vocabulary=vocabulary, embedding=32, hidden=64,
+    """The Relation Network for 64x64 Sort-of-CLEVR images (3x3 objects)."""
+    return RelationNetwork(image_size=64, padding=0, vocabulary=vocabulary, embedding=32, hidden=64,
                            answers=num_classes)
 
 
