@@ -59,7 +59,8 @@ def explain_fn(model: nn.Module, inputs: np.ndarray | Tensor, targets: np.ndarra
 
     if isinstance(composite, str):
         composite = lrp_composite(composite, **(composite_kwargs or {}))
-    x = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, Tensor) else inputs, dtype=torch.float32)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, Tensor) else inputs, dtype=dtype)
     target = torch.as_tensor(np.asarray(targets)).long().reshape(-1)
     relevance, _ = attribute(model, x, target, composite, canonize=False, init=init)
     return pool(relevance, pooling).detach().cpu().numpy()

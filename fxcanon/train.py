@@ -24,7 +24,7 @@ from .models.small import SMALL_MODELS
 DATA_OF = {"rn": "sort_of_clevr"}
 TRAIN_SIZE = {"shapes": 2000, "sort_of_clevr": 8000}
 # per family: epochs of the one-cycle schedule and its peak learning rate
-SCHEDULE = {"densenet": (30, 3e-3), "rn": (8, 1e-3)}
+SCHEDULE = {"densenet": (30, 3e-3), "rn": (10, 2e-3)}
 CACHE_VERSION = 2
 
 
@@ -51,7 +51,7 @@ def accuracy(model: nn.Module, data: Data, batch_size: int = 256) -> float:
     return correct / len(data)
 
 
-def fit(model: nn.Module, train: Data, val: Data, *, epochs: int = 12, budget_s: float = 150.0,
+def fit(model: nn.Module, train: Data, val: Data, *, epochs: int = 12, budget_s: float = 300.0,
         target: float = 0.97, lr: float = 3e-3, batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
     """Adam with a one-cycle schedule until ``target`` validation accuracy, ``epochs`` or ``budget_s``."""
     torch.manual_seed(seed)
@@ -77,7 +77,7 @@ def fit(model: nn.Module, train: Data, val: Data, *, epochs: int = 12, budget_s:
 
 
 def load_or_train(family: str, data: str | None = None, *, seed: int = 0, cache: str | Path | None = None,
-                  retrain: bool = False, budget_s: float = 150.0) -> tuple[nn.Module, dict[str, Any]]:
+                  retrain: bool = False, budget_s: float = 300.0) -> tuple[nn.Module, dict[str, Any]]:
     """The trained model (eval mode) and its training record, from the cache or trained now."""
     data = data or DATA_OF.get(family, "shapes")
     stem = cache_dir(cache) / f"{family}-{data}-s{seed}-v{CACHE_VERSION}"
