@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -196,16 +197,19 @@ def plot_pixel_flipping(curves: dict[tuple[str, bool], np.ndarray], path: Path) 
 def evaluate(model: nn.Module | dict[bool, nn.Module], data: Data | tuple[Tensor, ...],
              composites: Sequence[str] = PAPER_COMPOSITES, preset: str | Preset = "paper", *,
              pooling: str = "sum", init: str = "onehot", columns: Sequence[str] = tuple(COLUMNS),
-             seed: int = 0, batch_size: int = 16, progress: bool = True) -> Results:
+             seed: int = 0, batch_size: int = 16, progress: bool = True,
+             explain: Callable[..., np.ndarray] = explain_fn) -> Results:
     """Per-image scores and pixel-flipping curves of every composite, canonized and not.
 
     ``model`` is canonized once (or pass :func:`prepare`'s result). Localization columns are NaN
     without masks. Scores of an image depend on that image, the model, ``seed`` and the settings
-    only: not on ``batch_size`` nor on the other images.
+    only: not on ``batch_size`` nor on the other images. ``explain`` replaces :func:`explain_fn`
+    (same signature: it gets ``composite``, ``pooling`` and ``init`` as keywords).
     """
     data = as_data(data)
     models = model if isinstance(model, dict) else prepare(model, (data.x[:2], *(e[:2] for e in data.extra)))
-    explainers = {name: _explainer(name, pooling, init, composite_arguments(name, data)) for name in composites}
+    explainers = {name: _explainer(explain, name, pooling, init, composite_arguments(name, data))
+                  for name in composites}
     records, curves, maps = score_all(models, data, explainers, preset=preset, columns=columns, seed=seed,
                                       batch_size=batch_size, progress=progress, desc="evaluate")
     meta = {"preset": preset if isinstance(preset, str) else repr(preset), "pooling": pooling, "init": init,
@@ -214,13 +218,12 @@ def evaluate(model: nn.Module | dict[bool, nn.Module], data: Data | tuple[Tensor
                    (("aopc_paper",) if "aopc_paper" in columns else ()), meta)
 
 
-def _explainer(composite: Any, pooling: str, init: str, composite_kwargs: dict[str, Any]) -> Callable[..., np.ndarray]:
-    from functools import partial
-
+def _explainer(explain: Callable[..., np.ndarray], composite: Any, pooling: str, init: str,
+               composite_kwargs: dict[str, Any]) -> Callable[..., np.ndarray]:
     from .xai import lrp_composite
 
     built = lrp_composite(composite, **composite_kwargs) if isinstance(composite, str) else composite
-    return partial(explain_fn, composite=built, pooling=pooling, init=init)
+    return partial(explain, composite=built, pooling=pooling, init=init)
 
 
 def load_task(model_name: str, data_name: str | None, n: int, *, seed: int, cache: str | None,

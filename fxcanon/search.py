@@ -16,7 +16,7 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -256,7 +256,7 @@ def search(model: nn.Module | dict[bool, nn.Module], data: Data | tuple, groups:
            = "auto", grid: Sequence[float] | Mapping[str, Sequence[float]] = DEFAULT_GAMMAS, *,
            rules: Mapping[str, str] | None = None, preset: str | Preset = "fast", pooling: str = "sum",
            init: str = "onehot", columns: Sequence[str] = TABLE_COLUMNS, seed: int = 0, batch_size: int = 16,
-           progress: bool = True) -> SearchResult:
+           progress: bool = True, explain: Callable[..., np.ndarray] = explain_fn) -> SearchResult:
     """Score every configuration of the grid (one value per group), canonized and not.
 
     ``grid`` gives the values for every group, or per group; ``rules`` maps a group to
@@ -271,7 +271,7 @@ def search(model: nn.Module | dict[bool, nn.Module], data: Data | tuple, groups:
         raise ValueError("the canonized and the structural model split into different groups")
     values = {g: tuple(grid[g] if isinstance(grid, Mapping) else grid) for g in names}
     configurations = [dict(zip(names, combo)) for combo in itertools.product(*values.values())]
-    explainers = {i: partial(explain_fn, composite=group_composite(configuration_rules(group_maps, c, rules or {})),
+    explainers = {i: partial(explain, composite=group_composite(configuration_rules(group_maps, c, rules or {})),
                              pooling=pooling, init=init)
                   for i, c in enumerate(configurations)}
     records, _, maps = score_all(models, data, explainers, preset=preset, columns=columns, seed=seed,
