@@ -1,13 +1,15 @@
-"""The columns of the supplement's Tables A.2-A.19 as Quantus (>= 0.6) metrics, scored one image at a time.
+"""The columns of the supplement's Tables A.2-A.19 as Quantus (>= 0.6) metrics.
 
 Two presets: ``"paper"`` (the paper's settings) and ``"fast"`` (fewer samples and steps, for
 searches). What differs from calling Quantus 0.6 with its defaults, and why:
 
 - Explanations are normalized by their second moment *per sample* (Quantus' default normalizes
   over the whole batch); pixel flipping is not normalized, as in the paper.
-- Each image is scored alone, with the random state seeded from ``(seed, image index)``, so a
-  score depends neither on the batch size nor on the other images of a batch (Quantus reseeds
-  ``RandomLogit`` per batch and draws noise and subsets per batch).
+- A score depends neither on the batch size nor on the other images of a batch: Quantus reseeds
+  ``RandomLogit`` per batch and draws subsets and noise per batch from numpy's global state. So
+  faithfulness correlation and random logit score one image at a time, seeded from the image's
+  bytes and ``seed``; the sensitivities draw their noise per image from a generator seeded the
+  same way (``ImageSeededNoise``); the deterministic metrics run on whole batches.
 - Pixel flipping and faithfulness correlation perturb whole pixels (all channels), as the paper
   did with Quantus' earlier unbatched functions: Quantus 0.6 perturbs channel values. Both
   metrics see a one-channel *pixel mask* of ones and a model that replaces masked-out pixels by
