@@ -151,13 +151,32 @@ class Results:
             lines.append(f"| {COMPOSITE_LABELS.get(n, n)} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def wins(self) -> str:
+        """Markdown: per composite and metric, the share of images whose canonized score is the better one."""
+        rows: dict[tuple[str, int], dict[bool, dict[str, Any]]] = {}
+        for r in self.records:
+            rows.setdefault((r["explainer"], r["image"]), {})[r["canonized"]] = r
+        names = list(dict.fromkeys(name for name, _ in rows))
+        columns = [c for c in self.columns if any(np.isfinite(r.get(c, np.nan)) for r in self.records)]
+        lines = ["| canonized better on | " + " | ".join(f"{COLUMNS[c].arrow} {COLUMNS[c].name}" for c in columns) + " |",
+                 "|---" * (1 + len(columns)) + "|"]
+        for n in names:
+            cells = []
+            for c in columns:
+                pairs = [(p[False][c], p[True][c]) for (name, _), p in rows.items() if name == n]
+                pairs = [(no, yes) for no, yes in pairs if np.isfinite(no) and np.isfinite(yes)]
+                better = sum((yes > no) if COLUMNS[c].higher_is_better else (yes < no) for no, yes in pairs)
+                cells.append(f"{better / len(pairs):.0%}" if pairs else "-")
+            lines.append(f"| {COMPOSITE_LABELS.get(n, n)} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
     def save(self, out: str | Path, prefix: str = "") -> list[Path]:
-        """Write ``table.md``, ``scores.csv`` (one row per image), ``scores.json`` and ``pixel_flipping.png``."""
+        """Write ``table.md`` (means, then the share of images canonization improves), ``scores.csv`` (one row per image), ``scores.json`` and ``pixel_flipping.png``."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / f"{prefix}table.md", out / f"{prefix}scores.csv", out / f"{prefix}scores.json",
                  out / f"{prefix}pixel_flipping.png"]
-        paths[0].write_text(self.table() + "\n")
+        paths[0].write_text(f"{self.table()}\n\n{self.wins()}\n")
         keys = ["explainer", "canonized", "image", *(c for c in COLUMNS if any(c in r for r in self.records))]
         paths[1].write_text("\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys)
                                                           for r in self.records]) + "\n")
