@@ -248,7 +248,7 @@ def plot_extremes(result: SearchResult, path: Path, image: int = 0) -> None:
         row[0].text(-0.1, 0.5, COLUMNS[metric].name, transform=row[0].transAxes, rotation=90, va="center",
                     ha="right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

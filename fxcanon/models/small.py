@@ -42,7 +42,7 @@ def small_densenet(num_classes: int) -> nn.Module:
 
 def small_efficientnet(num_classes: int) -> nn.Module:
     """torchvision's EfficientNet with three MBConv stages (squeeze-excitation, SiLU)."""
-    setting = [MBConvConfig(1, 3, 2, 16, 16, 1), MBConvConfig(4, 3, 2, 16, 24, 1), MBConvConfig(4, 3, 2, 24, 32, 1)]
+    setting = [MBConvConfig(1, 3, 1, 16, 16, 1), MBConvConfig(4, 3, 2, 16, 24, 1), MBConvConfig(4, 3, 2, 24, 32, 1)]
     return EfficientNet(setting, dropout=0.0, stochastic_depth_prob=0.0, num_classes=num_classes, last_channel=64)
 
 
