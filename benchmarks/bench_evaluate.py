@@ -107,6 +107,7 @@ def measure(kind: str, models: dict, data, composite: str) -> tuple[float, Clock
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--note", default="", help="a sentence for RESULTS.md, e.g. that the CPU was shared")
     args = parser.parse_args()
     torch.set_num_threads(1)
     _quantus()
@@ -133,7 +134,7 @@ def main() -> None:
             "64x64 shapes images, one thread, explanations in batches of all images. Seconds per image and per "
             "(composite or configuration, canonized or not); 'Quantus' own' is the time inside Quantus' metric "
             "calls minus explanations and model forwards. "
-            "`python benchmarks/bench_evaluate.py`.\n\n" + "\n".join(rows))
+            f"`python benchmarks/bench_evaluate.py`. {args.note}\n\n" + "\n".join(rows))
     write_section("Evaluation and search", body)
 
 

@@ -75,11 +75,13 @@ def prepare(model: nn.Module, example_inputs: Sequence[Tensor]) -> dict[bool, nn
 
 
 def as_data(data: Data | tuple[Tensor, ...]) -> Data:
+    """``data`` as :class:`Data`; a tuple ``(x, y)`` or ``(x, y, mask)`` of tensors or arrays too."""
     if isinstance(data, Data):
         return data
     x, y, *rest = data
-    return Data(torch.as_tensor(x).float(), torch.as_tensor(y).long(), rest[0] if rest else None,
-                low=float(x.min()), high=float(x.max()))
+    x = torch.as_tensor(x).float()
+    mask = torch.as_tensor(rest[0]) if rest and rest[0] is not None else None
+    return Data(x, torch.as_tensor(y).long(), mask, low=float(x.min()), high=float(x.max()))
 
 
 def composite_arguments(name: Any, data: Data) -> dict[str, Any]:
