@@ -113,6 +113,15 @@ def test_auto_groups_split_convolutions_into_thirds(random_vgg):
         assert {k: len(v) for k, v in groups.items()} == {"conv1": 2, "conv2": 1, "conv3": 1, "classifier": 2}
 
 
+def test_named_groups_and_epsilon_rule(random_vgg):
+    groups = {"features": ["0"], "classifier": ["3", "5"]}
+    result = search(random_vgg, shapes(2, seed=6), groups, {"features": (0.0, 0.5), "classifier": (1e-6,)},
+                    rules={"classifier": "epsilon"}, columns=("sparseness",), progress=False)
+    assert result.meta["modules_per_group"] == {"features": 4, "classifier": 2}
+    assert result.configurations == [{"features": 0.0, "classifier": 1e-6}, {"features": 0.5, "classifier": 1e-6}]
+    assert result.best("sparseness", canonized=True)[0] in result.configurations
+
+
 def test_canonization_on_a_trained_model(trained):
     """What the paper reports and this data reproduces: canonized explanations are sparser and less
     sensitive to noise for EB and LRP-eps+ (means over 16 images)."""
