@@ -17,6 +17,9 @@ searches). What differs from calling Quantus 0.6 with its defaults, and why:
 - Sensitivities are divided by the norm of the input, as in the paper (Quantus 0.6 divides by the
   explanation's norm).
 - Baselines are the scalar 0 (the mean pixel of the normalized data).
+- Two AoPC columns from the same curve: ``aopc`` measures the drop from the unperturbed
+  prediction (the standard definition, the default), ``aopc_paper`` from the first perturbed step
+  (what the paper's code computes; it inflates differences).
 
 Deviations that remain: pixel flipping needs the step to divide ``H * W``; the step is the
 divisor closest to the paper's 448 of 224 * 224 pixels (32 pixels, 128 steps, at 64x64).
@@ -43,7 +46,6 @@ class Column:
 
     name: str
     higher_is_better: bool
-    needs_mask: bool = False
 
     @property
     def arrow(self) -> str:
@@ -54,8 +56,8 @@ COLUMNS = {
     "sparseness": Column("Sparseness", True),
     "faithfulness_correlation": Column("Faithfulness corr.", True),
     "aopc": Column("AoPC", True),
-    "rma": Column("RMA", True, needs_mask=True),
-    "rra": Column("RRA", True, needs_mask=True),
+    "rma": Column("RMA", True),
+    "rra": Column("RRA", True),
     "random_logit": Column("Random logit", False),
     "avg_sensitivity": Column("Avg. sensitivity", False),
     "max_sensitivity": Column("Max. sensitivity", False),
@@ -66,7 +68,7 @@ TABLE_COLUMNS = tuple(c for c in COLUMNS if c != "aopc_paper")
 
 @dataclass(frozen=True)
 class Preset:
-    """Sample counts of the randomized metrics."""
+    """Sample counts, perturbation sizes and noise of the metrics; ``"paper"`` is the paper's."""
 
     faithfulness_runs: int = 100
     faithfulness_fraction: float = 0.01
