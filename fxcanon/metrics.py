@@ -148,7 +148,7 @@ def aopc(curve: np.ndarray, reference: float) -> float:
     return float(np.mean(reference - np.asarray(curve)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _quantus() -> Any:
     import warnings
 
