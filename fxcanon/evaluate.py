@@ -254,6 +254,9 @@ def load_task(model_name: str, data_name: str | None, n: int, *, seed: int, cach
     from .train import DATA_OF, build_small, load_or_train
 
     data_name = data_name or DATA_OF.get(model_name, "shapes")
+    if (model_name == "rn") != (data_name == "sort_of_clevr"):
+        raise ValueError("the Relation Network ('rn') answers questions on sort_of_clevr; the other models "
+                         "classify shapes")
     data = generate(data_name, n, seed=20_000 + seed)
     if weights:
         model = build_small(model_name, data)
