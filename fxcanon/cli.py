@@ -4,6 +4,8 @@
     python -m fxcanon resnet18 densenet121 --size 128 --json
     python -m fxcanon mypackage.models:build   # your own model factory
     python -m fxcanon explain resnet18 --composite epsilon_plus --out fig.png   # heatmaps (fxcanon[xai])
+    python -m fxcanon evaluate vgg --data shapes --out results/   # Quantus scores, canonized or not (fxcanon[eval])
+    python -m fxcanon search vgg --data shapes --out results/     # LRP-gamma per layer group (fxcanon[eval])
 """
 
 from __future__ import annotations
@@ -116,9 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .explain import main as explain
 
             return explain(argv[1:])
+        if argv[:1] == ["evaluate"]:
+            from .evaluate import main as evaluate
+
+            return evaluate(argv[1:])
+        if argv[:1] == ["search"]:
+            from .search import main as search
+
+            return search(argv[1:])
         return canonize_main(argv)
     except UsageError as error:
-        prog = "fxcanon explain" if argv[:1] == ["explain"] else "fxcanon"
+        prog = f"fxcanon {argv[0]}" if argv[:1] in (["explain"], ["evaluate"], ["search"]) else "fxcanon"
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
