@@ -102,13 +102,15 @@ class _BiasMapMixin:
     def has_bias_map(self) -> bool:
         return self.bias_kernel is not None or self.pad_kernel is not None
 
-    def bias_map(self, x: Tensor, output_padding: tuple[int, ...] = ()) -> Tensor | None:
-        """The position-dependent bias for input ``x`` (broadcasts over the batch), or None."""
+    def bias_map(self, x: Tensor, output_padding: tuple[int, ...] | None = None) -> Tensor | None:
+        """The position-dependent bias for input ``x`` (broadcasts over the batch), or None.
+        ``output_padding``: a transposed layer's for this call (default: the layer's own)."""
         if not self.has_bias_map:
             return None
         return conv_bias_map(x, self.bias_kernel, self.pad_kernel, spatial_dims=len(self.kernel_size),
                              transposed=self.transposed, stride=self.stride, padding=self.padding,
-                             dilation=self.dilation, groups=self.groups, output_padding=output_padding,
+                             dilation=self.dilation, groups=self.groups,
+                             output_padding=tuple(self.output_padding) if output_padding is None else output_padding,
                              input_pad=self.input_pad)
 
     def extra_repr(self) -> str:

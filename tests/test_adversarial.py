@@ -105,7 +105,8 @@ def stacks(draw):
     program.append(("layer", None))
     layers.append(conv(channels, 2, 1))  # a layer at the end, for folds to go into
     model = Stack(program, layers).eval().double()
-    size = draw(st.integers(max(1, 1 - min(0, grow)), 6))
+    smallest = max(1, 1 - grow)  # convolutions without padding must leave at least one position
+    size = draw(st.integers(smallest, smallest + 5))
     batch = draw(st.integers(1, 3))
     example = torch.randn(batch, channels, *[size] * dims, dtype=D)
     calls = [example, torch.randn(batch + 1, channels, *[size + 2] * dims, dtype=D),
