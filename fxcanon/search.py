@@ -86,14 +86,18 @@ def group_composite(rules: Mapping[int, Any], stabilizer: float = 1e-6) -> Any:
 
 def configuration_rules(groups: Sequence[Mapping[str, list[nn.Module]]], values: Mapping[str, float],
                         kinds: Mapping[str, str], stabilizer: float = 1e-6) -> dict[int, Any]:
-    """Hooks by module identity: LRP-gamma (or epsilon where ``kinds[group] == "epsilon"``) per group."""
+    """Hooks by module identity: LRP-gamma (or epsilon where ``kinds[group] == "epsilon"``) per group;
+    a fused layer's bias map acts as its position-dependent bias under the rule (``fxcanon.xai``)."""
     from zennit.rules import Epsilon, Gamma
+
+    from .xai import with_bias_maps
 
     rules: dict[int, Any] = {}
     for group_map in groups:
         for group, modules in group_map.items():
             value = values[group]
-            hook = Epsilon(epsilon=value) if kinds.get(group) == "epsilon" else Gamma(gamma=value, stabilizer=stabilizer)
+            hook = with_bias_maps(Epsilon(epsilon=value) if kinds.get(group) == "epsilon"
+                                  else Gamma(gamma=value, stabilizer=stabilizer))
             rules.update({id(m): hook for m in modules})
     return rules
 
