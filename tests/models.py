@@ -39,3 +39,32 @@ class FunctionalNet(nn.Module):
 
 def random_bn(model, seed=0):
     return randomize_batchnorms(model, seed).eval()
+
+
+class SideBranchReLU(nn.Module):
+    """An in-place ReLU on a BatchNorm's input, after the BatchNorm read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        self.conv2, self.conv3 = nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        y = self.bn(h)
+        z = self.relu(h)
+        return self.conv2(y) + self.conv3(z)
+
+
+class EditedOutput(nn.Module):
+    """A BatchNorm's output edited in place by ``edit`` before a convolution reads it."""
+
+    def __init__(self, edit):
+        super().__init__()
+        self.bn, self.conv, self.edit = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3, padding=1), edit
+
+    def forward(self, x):
+        y = self.bn(x)
+        self.edit(y)
+        return self.conv(y)
+

@@ -17,6 +17,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 import fxcanon  # noqa: F401  (registers the backend; the entry point does it without the import)
 from fxcanon.equivalence import randomize_batchnorms, relative_error
 from fxcanon.zoo import build
+from models import EditedOutput, SideBranchReLU
 from test_properties import conv_models, runs
 
 BATCH_NORMS = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
@@ -184,34 +185,6 @@ def test_explicit_constant_padding_is_left_in_graphs():
         assert relative_error(compiled(model)(x), model(x)) < 1e-12
 
 
-class SideBranchReLU(nn.Module):
-    """An in-place ReLU on the BatchNorm's input, after the BatchNorm read it (issue 9, 3a)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
-        self.conv2, self.conv3 = nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv1(x)
-        y = self.bn(h)
-        z = self.relu(h)
-        return self.conv2(y) + self.conv3(z)
-
-
-class MutatedOutput(nn.Module):
-    """The BatchNorm's output edited in place before the layer reads it (issue 9, 3b and 3c)."""
-
-    def __init__(self, edit):
-        super().__init__()
-        self.bn, self.conv, self.edit = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3, padding=1), edit
-
-    def forward(self, x):
-        y = self.bn(x)
-        self.edit(y)
-        return self.conv(y)
-
-
 # in-place spellings as they reach the backend: call_method relu_/add_/mul_ (also on a view),
 # torch.relu_, F.relu(..., inplace=True) (nn.ReLU(inplace=True) too), operator.iadd, operator.setitem
 IN_PLACE_EDITS = {
@@ -224,7 +197,7 @@ IN_PLACE_EDITS = {
     "view_mul_": lambda y: y.view(y.shape[0], -1).mul_(-2.0),
     "setitem": lambda y: y.__setitem__((slice(None), 0), 0.5),
 }
-IN_PLACE_MODELS = {"side_branch_relu": SideBranchReLU, **{name: functools.partial(MutatedOutput, edit)
+IN_PLACE_MODELS = {"side_branch_relu": SideBranchReLU, **{name: functools.partial(EditedOutput, edit)
                                                          for name, edit in IN_PLACE_EDITS.items()}}
 
 

@@ -14,6 +14,8 @@ from fxcanon import CanonizationError, canonicalize, get_report
 from fxcanon.equivalence import randomize_batchnorms, relative_error
 from fxcanon.modules import Sum
 
+from models import EditedOutput, SideBranchReLU
+
 D = torch.float64
 
 
@@ -57,45 +59,19 @@ def test_pad_between_two_batchnorms(value, with_inputs):
 
 # --- in-place ops ----------------------------------------------------------------------------------
 
-class InplaceOnInput(nn.Module):
-    """An in-place ReLU on the BatchNorm's input after the BatchNorm read it (issue case 2a)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn, self.relu = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
-        self.conv2, self.conv3 = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
-
-    def forward(self, x):
-        h = self.conv1(x)
-        y = self.bn(h)
-        z = self.relu(h)
-        return self.conv2(y) + self.conv3(z)
-
-
-class InplaceOnOutput(nn.Module):
-    def __init__(self, mutate):
-        super().__init__()
-        self.bn, self.conv, self.mutate = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3), mutate
-
-    def forward(self, x):
-        y = self.bn(x)
-        self.mutate(y, x)
-        return self.conv(y)
-
-
 MUTATIONS = {
-    "relu_": lambda y, x: y.relu_(),
-    "add_": lambda y, x: y.add_(1.0),
-    "view_mul_": lambda y, x: y.view(-1).mul_(2.0),
-    "out=": lambda y, x: torch.mul(x, 2.0, out=y),
-    "functional_inplace": lambda y, x: F.relu(y, inplace=True),
-    "torch_relu_": lambda y, x: torch.relu_(y),
-    "index_fill_": lambda y, x: y.index_fill_(1, torch.tensor([0]), 0.0),
+    "relu_": lambda y: y.relu_(),
+    "add_": lambda y: y.add_(1.0),
+    "view_mul_": lambda y: y.view(-1).mul_(2.0),
+    "out=": lambda y: torch.mul(y.clone(), 2.0, out=y),
+    "functional_inplace": lambda y: F.relu(y, inplace=True),
+    "torch_relu_": torch.relu_,
+    "index_fill_": lambda y: y.index_fill_(1, torch.tensor([0]), 0.0),
 }
 
 
 def test_inplace_relu_on_the_batchnorm_input():
-    model = prepared(InplaceOnInput())
+    model = prepared(SideBranchReLU())
     x = torch.randn(2, 3, 6, 6, dtype=D)
     gm = canonicalize(model, (x,))
     assert_same(model, gm, x)
@@ -105,7 +81,7 @@ def test_inplace_relu_on_the_batchnorm_input():
 @pytest.mark.parametrize("name", MUTATIONS)
 @pytest.mark.parametrize("with_inputs", [False, True])
 def test_inplace_ops_on_the_batchnorm_output(name, with_inputs):
-    model = prepared(InplaceOnOutput(MUTATIONS[name]))
+    model = prepared(EditedOutput(MUTATIONS[name]))
     x = torch.randn(2, 3, 6, 6, dtype=D)
     gm = canonicalize(model, (x,) if with_inputs else None)
     assert_same(model, gm, x)
@@ -463,3 +439,20 @@ def test_guarded_model_exports_and_compiles_in_one_graph():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(gm)(x)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_integer_indices_of_an_embedding_stay_an_addition():
+    """An Embedding's floating weight says nothing of the dtype of its (integer) input."""
+    class Embeds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(10, 3)
+
+        def forward(self, a, b):
+            return self.embedding(a) + self.embedding(b), a + b
+
+    model = Embeds()
+    gm = canonicalize(model)
+    a, b = torch.tensor([1, 2], dtype=torch.int32), torch.tensor([3, 4], dtype=torch.int32)
+    (_, got), (_, expected) = gm(a, b), model(a, b)
+    assert got.dtype == expected.dtype == torch.int32 and torch.equal(got, expected)

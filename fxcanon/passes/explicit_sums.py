@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.fx import GraphModule, Node
 from torchvision.ops import stochastic_depth
 from torch.fx.passes.infra.pass_base import PassResult
@@ -32,6 +33,10 @@ _DTYPE_KEEPING = {
 _DTYPE_KEEPING_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "view", "view_as", "reshape",
                           "flatten", "permute", "transpose", "contiguous", "clone", "mean", "sum", "squeeze",
                           "unsqueeze", "expand", "expand_as", "repeat", "narrow", "chunk", "split", "softmax"}
+
+
+# layers whose input must be floating (an Embedding's floating weight says nothing of its input)
+_FLOATING_INPUT = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 class _Floating:
@@ -64,8 +69,8 @@ class _Floating:
             (node.op == "call_method" and node.target in _DTYPE_KEEPING_METHODS)
         if keeps and args and all(self(a) for a in args):
             return True
-        return any(user.op == "call_module" and self._has_floating_weights(user) and call_input(user) is node
-                   for user in node.users)
+        return any(user.op == "call_module" and isinstance(self.gm.get_submodule(user.target), _FLOATING_INPUT)
+                   and call_input(user) is node for user in node.users)
 
     def _has_floating_weights(self, node: Node) -> bool:
         module = self.gm.get_submodule(node.target)
