@@ -75,7 +75,8 @@ def fxcanon_backend(gm: GraphModule, example_inputs: Sequence[Any],
     if inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(folded, list(example_inputs))
+        compiled: Callable[..., Any] = compile_fx(folded, list(example_inputs))  # type: ignore[assignment]
+        return compiled
     if callable(inner):
         return inner(folded, example_inputs)
     raise ValueError(f"options['inner'] must be 'eager', 'inductor' or a callable, not {inner!r}")

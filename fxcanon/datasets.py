@@ -130,7 +130,7 @@ def sort_of_clevr(n: int, seed: int = 0, size: int = 64) -> Data:
             images[i][:, obj] = colour[:, None]
         kind, colour = rng.integers(len(QUESTIONS)), rng.integers(len(colours))
         distance = np.linalg.norm(centre - centre[colour], axis=1)
-        involved = [colour]
+        involved = [int(colour)]
         if kind == 0:
             answer = "square" if squares[colour] else "circle"
         elif kind == 1:

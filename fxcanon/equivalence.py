@@ -29,7 +29,8 @@ def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
     """
     generator = torch.Generator().manual_seed(seed)
 
-    def uniform(t: Tensor, low: float, high: float) -> None:
+    def uniform(t: Tensor | None, low: float, high: float) -> None:
+        assert t is not None
         t.copy_(torch.rand(t.shape, generator=generator, dtype=torch.float64) * (high - low) + low)
 
     with torch.no_grad():

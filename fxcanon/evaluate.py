@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -63,7 +63,7 @@ def explain_fn(model: nn.Module, inputs: np.ndarray | Tensor, targets: np.ndarra
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     x = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, Tensor) else inputs, dtype=dtype)
     target = torch.as_tensor(np.asarray(targets)).long().reshape(-1)
-    relevance, _ = attribute(model, x, target, composite, canonize=False, init=init)
+    relevance = attribute(model, x, target, composite, canonize=False, init=init)[0]
     return pool(relevance, pooling).detach().cpu().numpy()
 
 
@@ -89,10 +89,10 @@ def composite_arguments(name: Any, data: Data) -> dict[str, Any]:
     return {"low": data.low, "high": data.high} if name == "rn_custom" else {}
 
 
-def score_all(models: dict[bool, nn.Module], data: Data, explainers: dict[str, Callable[..., np.ndarray]], *,
+def score_all(models: dict[bool, nn.Module], data: Data, explainers: Mapping[Any, Callable[..., np.ndarray]], *,
               preset: str | Preset, columns: Sequence[str], seed: int, batch_size: int,
-              progress: bool, desc: str) -> tuple[list[dict[str, Any]], dict[tuple[str, bool], np.ndarray],
-                                                  dict[tuple[str, bool], np.ndarray]]:
+              progress: bool, desc: str) -> tuple[list[dict[str, Any]], dict[tuple[Any, bool], np.ndarray],
+                                                  dict[tuple[Any, bool], np.ndarray]]:
     """Per-image scores for every (explainer, canonized), pixel-flipping curves and the explanations."""
     from tqdm.auto import tqdm
 
@@ -190,8 +190,8 @@ class Results:
 
 
 def _nanmean(values: Sequence[float]) -> float:
-    values = np.asarray(values, dtype=float)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    array = np.asarray(values, dtype=float)
+    return float(np.nanmean(array)) if np.isfinite(array).any() else float("nan")
 
 
 def plot_pixel_flipping(curves: dict[tuple[str, bool], np.ndarray], path: Path) -> None:

@@ -34,7 +34,7 @@ def load_image(path: str | None, size: int) -> tuple[Image.Image, Tensor]:
             raise UsageError(f"cannot read image {path!r}: {error}") from error
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     normalized = (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     return image, normalized.unsqueeze(0)
@@ -61,7 +61,7 @@ def render(rows: list[tuple[str, list[Image.Image]]], labels: Sequence[str], ima
         for j, (label, tile) in enumerate(zip(["input", *(f"{name}: {label}" for label in labels)], [image, *tiles])):
             x = pad + j * (size + pad)
             draw.text((x, y + 6), label, fill="black")
-            canvas.paste(tile.resize((size, size), Image.NEAREST), (x, y + header - 10))
+            canvas.paste(tile.resize((size, size), Image.Resampling.NEAREST), (x, y + header - 10))
     return canvas
 
 

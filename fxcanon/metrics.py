@@ -123,7 +123,8 @@ class ImageSeededNoise:
     noise an image gets does not depend on its batch (Quantus draws one array per batch)."""
 
     def __init__(self, seed: int) -> None:
-        self.seed, self.generators = seed, {}
+        self.seed = seed
+        self.generators: dict[tuple[int, int], np.random.Generator] = {}
 
     def __call__(self, arr: np.ndarray, indices: np.ndarray, lower_bound: float, **_: Any) -> np.ndarray:
         perturbed = arr.copy()
@@ -214,11 +215,11 @@ def score_batch(model: nn.Module, x: Tensor, y: Tensor, a: np.ndarray, mask: Ten
             metric = quantus.FaithfulnessCorrelation(
                 nr_runs=settings.faithfulness_runs, subset_size=max(1, round(settings.faithfulness_fraction * pixels)),
                 perturb_baseline=0.0, abs=False, return_aggregate=False, **common)
-            scores.setdefault("faithfulness_correlation", np.full(n, np.nan))[i] = metric(
+            scores.setdefault("faithfulness_correlation", np.full(n, np.nan))[i] = np.asarray(metric(
                 **{**one, "model": PixelMask(Bound(model.model, *(e[i:i + 1] for e in extra)), x[i:i + 1].detach()),
-                   "x_batch": masked_call["x_batch"][i:i + 1]})[0]
+                   "x_batch": np.asarray(masked_call["x_batch"])[i:i + 1]}))[0]
         if "random_logit" in columns:
             metric = quantus.RandomLogit(num_classes=num_classes, seed=image, abs=False, **common)
-            scores.setdefault("random_logit", np.full(n, np.nan))[i] = metric(
-                model=Bound(model.model, *(e[i:i + 1] for e in extra)), **one)[0]
+            scores.setdefault("random_logit", np.full(n, np.nan))[i] = np.asarray(metric(
+                model=Bound(model.model, *(e[i:i + 1] for e in extra)), **one))[0]
     return [{k: float(v[i]) for k, v in scores.items()} for i in range(n)], curves

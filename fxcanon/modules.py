@@ -160,6 +160,9 @@ class ThresholdReLU(nn.ReLU):
     per-channel buffers along dim 1 (the last dim for rank-1/2 inputs is dim 1 as well).
     """
 
+    threshold: Tensor
+    sign: Tensor
+
     def __init__(self, threshold: Tensor, sign: Tensor) -> None:
         super().__init__()
         self.register_buffer("threshold", threshold)

@@ -99,7 +99,8 @@ class _MappedForward:
     """What a rule's pass sees of a fused layer: the layer without its bias, plus the pass's whole bias."""
 
     def __init__(self, module: nn.Module, mod: ParamMod, in_rule: bool) -> None:
-        self.module, self.mod, self.in_rule = module, mod, in_rule
+        self.module: Any = module  # a fused convolution (bias_map, kernel_size)
+        self.mod, self.in_rule = mod, in_rule
 
     def bias(self, x: Tensor) -> Tensor:
         """``bias + bias_map(x)``, modified as the pass modifies a parameter named ``bias``."""

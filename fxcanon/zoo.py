@@ -42,8 +42,9 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
 def example_inputs(model: nn.Module, name: str, size: int = 224, batch: int = 1) -> tuple[torch.Tensor, ...]:
     """The model's own ``example_inputs()`` if it has one, else a random image batch."""
-    if callable(getattr(model, "example_inputs", None)):
-        return tuple(model.example_inputs())
+    own = getattr(model, "example_inputs", None)
+    if callable(own):
+        return tuple(own())
     side = max(size, MIN_SIZE.get(name, 32))
     return (torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0)),)
 

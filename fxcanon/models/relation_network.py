@@ -25,6 +25,8 @@ class RelationNetwork(nn.Module):
     pads the convolutions as other public implementations do (3x128x128 -> 24x8x8 = 64 objects).
     """
 
+    coordinates: Tensor
+
     def __init__(self, image_size: int | None = None, padding: int = 0, vocabulary: int = 82,
                  embedding: int = 32, hidden: int = 128, channels: int = 24, answers: int = 28) -> None:
         super().__init__()

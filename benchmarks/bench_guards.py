@@ -1,0 +1,84 @@
+"""What the call-time guards of a canonized model cost at inference.
+
+    python benchmarks/bench_guards.py [--repeats 30] [--threads 1] [--no-write]
+
+Where a fold holds only for some input ranks (a functional BatchNorm folded into a convolution:
+timm's norm-act layers), the canonized graph checks the rank on every call
+(:mod:`fxcanon.guards`). Each row times, interleaved call by call, the canonized model with its
+guards and the same graph with the guards removed, and the original model. Writes section
+"guards" of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from torch.fx import GraphModule, symbolic_trace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fused_layers import interleaved_times, medians  # noqa: E402
+from results import write_section  # noqa: E402
+
+from fxcanon import canonicalize  # noqa: E402
+from fxcanon.equivalence import randomize_batchnorms  # noqa: E402
+from fxcanon.views import shape_holds  # noqa: E402
+
+MODELS = ["efficientnet_b0", "mobilenetv3_small_100"]
+
+
+def guard_count(gm: GraphModule) -> int:
+    return sum(node.target is torch._assert for node in gm.graph.nodes)
+
+
+def without_guards(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` with every ``torch._assert(shape_holds(...))`` pair removed."""
+    stripped = GraphModule(gm, copy.deepcopy(gm.graph))
+    for node in list(stripped.graph.nodes):
+        if node.target is torch._assert:
+            holds = node.args[0]
+            stripped.graph.erase_node(node)
+            if isinstance(holds, torch.fx.Node) and holds.target is shape_holds and not holds.users:
+                stripped.graph.erase_node(holds)
+    stripped.recompile()
+    return stripped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = ["| model (timm) | input | guards | original (ms) | canonized, guards (ms) | canonized, no guards (ms) "
+            "| guards cost |", "|---|---|---|---|---|---|---|"]
+    for name in MODELS:
+        model = randomize_batchnorms(timm.create_model(name, pretrained=False)).eval()
+        guarded = canonicalize(symbolic_trace(model))
+        plain = without_guards(guarded)
+        for batch, side in ((1, 224), (8, 224), (64, 32)):
+            x = torch.randn(batch, 3, side, side)
+            with torch.no_grad():
+                torch.testing.assert_close(guarded(x), plain(x), rtol=0, atol=0)
+                times = medians(interleaved_times({"original": lambda: model(x), "guards": lambda: guarded(x),
+                                                   "none": lambda: plain(x)}, args.repeats))
+            cost = times["guards"] - times["none"]
+            rows.append(f"| {name} | {batch}x3x{side}x{side} | {guard_count(guarded)} | {times['original']:.2f} | "
+                        f"{times['guards']:.2f} | {times['none']:.2f} | {cost:+.2f} ms "
+                        f"({100 * cost / times['none']:+.1f}%) |")
+            print(rows[-1], flush=True)
+    body = (f"### Eager CPU latency, {args.threads} thread(s), median of {args.repeats} interleaved rounds\n\n"
+            + "\n".join(rows) + "\n\nGuards are rank checks (`torch._assert(shape_holds(x, 4, ()))`) before each "
+            "convolution that absorbed a functional BatchNorm (timm's `BatchNormAct2d`). Differences within a "
+            "few percent are noise of a shared machine (the sign varies from run to run).")
+    if not args.no_write:
+        write_section("guards", body)
+
+
+if __name__ == "__main__":
+    main()
