@@ -27,14 +27,16 @@ convolution of a one-channel map per forward (``benchmarks/RESULTS.md``, "fused 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE: dict[int, Callable[..., Tensor]] = {1: F.conv_transpose1d, 2: F.conv_transpose2d,
+                                                     3: F.conv_transpose3d}
 
 
 def _channel_sum(kernel: Tensor, transposed: bool, groups: int) -> Tensor:
@@ -78,6 +80,7 @@ def conv_bias_map(x: Tensor, bias_kernel: Tensor | None, pad_kernel: Tensor | No
     responses = []
     for mask, kernel in ((interior, bias_kernel), (ring, pad_kernel)):
         if kernel is not None:
+            assert mask is not None  # a pad kernel comes with its padding
             summed = _channel_sum(kernel.to(x.dtype), transposed, groups)
             responses.append(
                 _CONV_TRANSPOSE[spatial_dims](mask, summed, None, stride, padding, output_padding, 1, dilation)
@@ -85,7 +88,14 @@ def conv_bias_map(x: Tensor, bias_kernel: Tensor | None, pad_kernel: Tensor | No
     return responses[0] if len(responses) == 1 else responses[0] + responses[1]
 
 
-class _BiasMapMixin:
+if TYPE_CHECKING:  # what the mixins are mixed into
+    _ConvBase = nn.modules.conv._ConvNd
+    _ConvTransposeBase = nn.modules.conv._ConvTransposeNd
+else:
+    _ConvBase = _ConvTransposeBase = object
+
+
+class _BiasMapMixin(_ConvBase):
     """Adds ``bias_map(x)`` (see module docstring) to a convolution-like layer."""
 
     bias_kernel: nn.Parameter | None
@@ -129,14 +139,17 @@ class _FusedConvNd(_BiasMapMixin):
         return y if bias_map is None else y + bias_map
 
 
-class _FusedConvTransposeNd(_BiasMapMixin):
+class _FusedConvTransposeNd(_BiasMapMixin, _ConvTransposeBase):
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         y = super().forward(x, output_size)
         if not self.has_bias_map:
             return y
-        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
-                                              len(self.kernel_size), self.dilation)
-        return y + self.bias_map(x, tuple(output_padding))
+        padding = cast(tuple[int, ...], self.padding)  # transposed layers take no string padding
+        output_padding = self._output_padding(x, output_size, list(self.stride), list(padding),
+                                              list(self.kernel_size), len(self.kernel_size), list(self.dilation))
+        bias_map = self.bias_map(x, tuple(output_padding))
+        assert bias_map is not None
+        return y + bias_map
 
 
 def threshold_relu(x: Tensor, threshold: Tensor, sign: Tensor) -> Tensor:

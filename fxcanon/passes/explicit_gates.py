@@ -25,7 +25,7 @@ def _is_gate(gm: GraphModule, node: object) -> bool:
     if not isinstance(node, Node):
         return False
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _GATE_MODULES)
+        return isinstance(gm.get_submodule(str(node.target)), _GATE_MODULES)
     return (node.op == "call_function" and node.target in _GATE_FUNCTIONS) or \
         (node.op == "call_method" and node.target in ("sigmoid", "hardsigmoid"))
 

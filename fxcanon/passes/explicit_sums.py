@@ -45,7 +45,8 @@ class _Floating:
     input must be floating for the model to run at all)."""
 
     def __init__(self, gm: GraphModule) -> None:
-        self.gm, self.memo = gm, {}
+        self.gm = gm
+        self.memo: dict[Node, bool] = {}
 
     def __call__(self, node: Any) -> bool:
         if not isinstance(node, Node):
@@ -56,12 +57,12 @@ class _Floating:
         return self.memo[node]
 
     def _decide(self, node: Node) -> bool:
-        meta = node.meta.get("tensor_meta")
-        if hasattr(meta, "dtype"):
-            return meta.dtype.is_floating_point
+        dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
+        if dtype is not None:
+            return dtype.is_floating_point
         args = node.all_input_nodes
         if node.op == "get_attr":
-            value = get_attr_value(self.gm, node.target)
+            value = get_attr_value(self.gm, str(node.target))
             return isinstance(value, torch.Tensor) and value.is_floating_point()
         if node.op == "call_module" and self._has_floating_weights(node):
             return True
@@ -69,11 +70,11 @@ class _Floating:
             (node.op == "call_method" and node.target in _DTYPE_KEEPING_METHODS)
         if keeps and args and all(self(a) for a in args):
             return True
-        return any(user.op == "call_module" and isinstance(self.gm.get_submodule(user.target), _FLOATING_INPUT)
+        return any(user.op == "call_module" and isinstance(self.gm.get_submodule(str(user.target)), _FLOATING_INPUT)
                    and call_input(user) is node for user in node.users)
 
     def _has_floating_weights(self, node: Node) -> bool:
-        module = self.gm.get_submodule(node.target)
+        module = self.gm.get_submodule(str(node.target))
         return any(t.is_floating_point() for t in [*module.parameters(), *module.buffers()])
 
 
@@ -97,7 +98,7 @@ def _summands(gm: GraphModule, node: Node, floating: _Floating) -> tuple[Node, N
     if node.target is operator.iadd and not _inplace_add_is_safe(gm, node):
         return None
     a, b = node.args
-    if not (floating(a) and floating(b)):
+    if not (isinstance(a, Node) and isinstance(b, Node) and floating(a) and floating(b)):
         return None
     dtypes = [getattr(n.meta.get("tensor_meta"), "dtype", None) for n in (a, b)]
     return (a, b) if dtypes[0] == dtypes[1] else None
@@ -113,10 +114,11 @@ def _reduced(node: Node, floating: _Floating) -> tuple[Node, int] | None:
     dim = args.get("dim")
     if isinstance(dim, (tuple, list)) and len(dim) == 1:
         dim = dim[0]
+    x = args.get("input")
     if not isinstance(dim, int) or args.get("keepdim", False) or set(args) - {"input", "dim", "keepdim"} \
-            or not floating(args["input"]):
+            or not isinstance(x, Node) or not floating(x):
         return None
-    return args["input"], dim
+    return x, dim
 
 
 class ExplicitSums(CanonizationPass):
