@@ -8,6 +8,9 @@ result that is the normalized tensor) and the flag, with its polarity, that make
 with statistics of its input instead. Every kind normalizes dim 1 at the ranks it declares (the
 axis the analysis in ``fxcanon.affine`` follows). Adding a kind is one declaration and its tests;
 :func:`register_norm` adds a user's module type to a kind.
+
+An :class:`AffineTailKind` (LayerNorm, GroupNorm) normalizes with statistics of its input, which
+no fold removes; only its affine tail folds, by the opt-in pass ``FoldNormAffine``.
 """
 
 from __future__ import annotations
@@ -119,3 +122,33 @@ def register_norm(cls: type[nn.Module], like: type[nn.Module] = nn.BatchNorm2d) 
             kind.modules[cls] = kind.modules[like]
             return cls
     raise ValueError(f"{like.__name__} is not a norm module type fxcanon folds")
+
+
+@dataclass(frozen=True)
+class AffineTailKind:
+    """A norm that normalizes with statistics of its input, then applies ``g * n + b`` per feature
+    along ``axis``: the statistics stay, the affine tail can fold into the next layer.
+
+    ``modules`` maps each module type to its remainder: a new module that normalizes alike without
+    the affine tail. Only tails with one weight per feature of ``axis`` fold.
+    """
+
+    name: str
+    modules: Mapping[type, Callable[[Any], nn.Module]]
+    functions: Mapping[Callable[..., Any], NormSpelling]
+    axis: int  # -1: the last dim (LayerNorm over one dim); 1: the channels (GroupNorm)
+
+
+LAYER_NORM = AffineTailKind(
+    name="LayerNorm",
+    modules={nn.LayerNorm: lambda m: nn.LayerNorm(m.normalized_shape, eps=m.eps, elementwise_affine=False)},
+    functions={F.layer_norm: NormSpelling(("input", "normalized_shape", "weight", "bias", "eps"), {"eps": 1e-5})},
+    axis=-1,
+)
+GROUP_NORM = AffineTailKind(
+    name="GroupNorm",
+    modules={nn.GroupNorm: lambda m: nn.GroupNorm(m.num_groups, m.num_channels, eps=m.eps, affine=False)},
+    functions={F.group_norm: NormSpelling(("input", "num_groups", "weight", "bias", "eps"), {"eps": 1e-5})},
+    axis=1,
+)
+AFFINE_TAIL_KINDS: tuple[AffineTailKind, ...] = (LAYER_NORM, GROUP_NORM)

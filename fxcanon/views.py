@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from .errors import CanonizationError
-from .kinds import BATCH_NORM, NormKind, function_kind, module_kind
+from .kinds import AFFINE_TAIL_KINDS, BATCH_NORM, AffineTailKind, NormKind, function_kind, module_kind
 from .modules import FUSED_TYPES
 from .report import TRAINING, Refusal
 
@@ -311,6 +311,46 @@ def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False) -> B
                          eps=float(eps) if isinstance(eps, (int, float)) else eps, training=training,
                          accepted_ranks=None, args=args, kind=kind, call=None if element is None else call,
                          **tensors)
+
+
+@dataclass(frozen=True)
+class AffineTailView:
+    """A LayerNorm or GroupNorm call whose affine tail ``g * n + b`` has one weight per feature of
+    ``kind.axis`` (``fxcanon.kinds.AffineTailKind``)."""
+
+    node: Node
+    input: Node
+    weight: Tensor
+    bias: Tensor | None
+    kind: AffineTailKind
+    args: dict[str, Any] = field(default_factory=dict)  # a functional call's arguments by name
+    module: nn.Module | None = None
+
+
+def affine_tail_view(gm: GraphModule, node: Node) -> AffineTailView | None:
+    """View ``node`` as a norm with a per-feature affine tail, or None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        kind = next((k for k in AFFINE_TAIL_KINDS if type(module) in k.modules), None)
+        if kind is None or not isinstance(call_input(node), Node):
+            return None
+        view = AffineTailView(node, call_input(node), module.weight, module.bias, kind, module=module)
+    elif node.op == "call_function":
+        kind = next((k for k in AFFINE_TAIL_KINDS if node.target in k.functions), None)
+        if kind is None:
+            return None
+        spelling = kind.functions[node.target]
+        args = {**spelling.defaults, **bind_args(node, spelling.args)}
+        try:
+            weight, bias = (_param(gm, args.get(k), False) for k in ("weight", "bias"))
+        except KeyError:
+            return None
+        if not isinstance(args.get("input"), Node):
+            return None
+        view = AffineTailView(node, args["input"], weight, bias, kind, args)
+    else:
+        return None
+    return view if view.weight is not None and view.weight.dim() == 1 else None
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class CanonizationPass(PassBase):
         graphs (``folder.graph_params``): Dynamo already guards ranks and sizes of its graphs."""
         if guard is None or self.folder.graph_params:
             return
-        insert_guard(gm, value, guard, before, bn.name)
+        insert_guard(gm, value, guard, before, bn.name, bn.kind.name)
         entry.guards.append(guard.describe())
 
     def batchnorms(self, gm: GraphModule, reverse: bool = False) -> Iterator[tuple[BatchNormView, Entry, Affine]]:
