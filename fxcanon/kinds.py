@@ -42,7 +42,7 @@ class NormKind:
 
     ``flag`` is the argument whose value ``flag_selects`` makes a call normalize with statistics of
     its input; ``flag_is_training`` says whether that is the kind's training mode (which raises
-    unless training is allowed) rather than its ordinary behaviour (left with ``per_sample``).
+    unless training is allowed) rather than its ordinary behaviour (left: ``without_statistics``).
     ``tracks(module)`` says whether an eval-mode module uses its running statistics.
     """
 

@@ -234,7 +234,7 @@ class BatchNormView:
     affine parameters and mode, however it is spelled. ``running_mean`` and ``running_var`` are
     None when the call normalizes with statistics of its input outside training mode."""
 
-    node: Node  # the normalized tensor: the call, or its element ``kind``'s spelling names
+    node: Node  # the normalized tensor: the call, or the element of its tuple result
     input: Node
     name: str
     running_mean: Tensor | None
