@@ -183,3 +183,20 @@ def test_cli_keeps_instance_norms_with_input_statistics_out_of_its_exit_status(m
     summary = run_one("model", 16, 1, lrp_form=False, check=True, seed=0)
     assert summary["left"] == {} and list(summary["kept"]) == ["_1"] and summary["equivalent"]
     assert summary["batchnorms_before"] == 1 and summary["batchnorms_after"] == 0
+
+
+def test_backend_folds_instance_norm_with_running_statistics():
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    norm = randomized(nn.InstanceNorm2d(4, affine=True, track_running_stats=True))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm, nn.ReLU(), nn.Conv2d(4, 2, 3)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(model, backend="fxcanon", options={"inner": inner})(x)
+        torch.testing.assert_close(y, model(x), rtol=1e-12, atol=1e-12)
+    assert graphs and not any(n.target is F.instance_norm for g in graphs for n in g.graph.nodes)
