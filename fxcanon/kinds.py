@@ -89,7 +89,7 @@ INSTANCE_NORM = NormKind(
                                            "use_input_stats", "momentum", "eps", "cudnn_enabled")),
     },
     flag="use_input_stats", flag_selects=True, flag_is_training=False,
-    tracks=lambda module: module.track_running_stats,
+    tracks=lambda module: bool(module.track_running_stats),
     without_statistics=Refusal(PER_SAMPLE_STATISTICS, "normalizes with the statistics of each sample "
                                "(track_running_stats=False or use_input_stats=True): not a fixed affine map"),
 )

@@ -329,12 +329,13 @@ class AffineTailView:
 
 def affine_tail_view(gm: GraphModule, node: Node) -> AffineTailView | None:
     """View ``node`` as a norm with a per-feature affine tail, or None."""
+    module, args = None, {}
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         kind = next((k for k in AFFINE_TAIL_KINDS if type(module) in k.modules), None)
-        if kind is None or not isinstance(call_input(node), Node):
+        if kind is None:
             return None
-        view = AffineTailView(node, call_input(node), module.weight, module.bias, kind, module=module)
+        data, weight, bias = call_input(node), module.weight, module.bias
     elif node.op == "call_function":
         kind = next((k for k in AFFINE_TAIL_KINDS if node.target in k.functions), None)
         if kind is None:
@@ -345,12 +346,12 @@ def affine_tail_view(gm: GraphModule, node: Node) -> AffineTailView | None:
             weight, bias = (_param(gm, args.get(k), False) for k in ("weight", "bias"))
         except KeyError:
             return None
-        if not isinstance(args.get("input"), Node):
-            return None
-        view = AffineTailView(node, args["input"], weight, bias, kind, args)
+        data = args.get("input")
     else:
         return None
-    return view if view.weight is not None and view.weight.dim() == 1 else None
+    if not isinstance(data, Node) or not isinstance(weight, Tensor) or weight.dim() != 1:
+        return None
+    return AffineTailView(node, data, weight, bias, kind, args, module)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ into the layer's input (opt-in: not in ``DEFAULT_PASSES``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
@@ -17,12 +19,10 @@ from ._base import CanonizationPass
 
 def _permutation(node: Node, value: Node) -> list[int] | None:
     """The dims of ``node`` if it is ``value.permute(dims)`` or ``torch.permute(value, dims)``, else None."""
-    if node.op == "call_method" and node.target == "permute" and node.args[:1] == (value,):
-        dims = node.args[1:]
-    elif node.op == "call_function" and node.target is torch.permute and node.args[:1] == (value,):
-        dims = node.args[1:] or (node.kwargs.get("dims"),)
-    else:
+    method = node.op == "call_method" and node.target == "permute"
+    if not (method or (node.op == "call_function" and node.target is torch.permute)) or node.args[:1] != (value,):
         return None
+    dims: Any = node.args[1:] or (node.kwargs.get("dims"),)
     dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
     return list(dims) if all(isinstance(d, int) for d in dims) and not node.kwargs.keys() - {"dims"} else None
 
