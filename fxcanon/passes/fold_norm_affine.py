@@ -48,9 +48,9 @@ def plan_tail_fold(gm: GraphModule, tail: AffineTailView) -> tuple[Sink, Guard |
         path.append(user.name)
         node, user = user, _only_user(user)
     if user is None:
-        return f"output of {node.name} is used by more than one op"
+        return f"output of {node.name} does not feed exactly one op"
     view = linear_view(gm, user)
-    if view is None or view.input is not node or node in view.node.all_input_nodes[1:]:
+    if view is None or view.input is not node:
         return f"{user.name} is not a Linear/Conv/ConvTranspose layer"
     if has_hooks(view.module):
         return f"{user.name} has forward hooks"
