@@ -23,7 +23,8 @@ from torch import nn
 from . import passes as passes_module
 from .canonicalize import canonicalize, trace
 from .equivalence import check_equivalence
-from .report import BACKWARD_BIAS_MAP, BACKWARD_VECTOR, FORWARD, THRESHOLD, THROUGH_LAYOUT, get_report
+from .report import (BACKWARD_BIAS_MAP, BACKWARD_VECTOR, FORWARD, PER_SAMPLE_STATISTICS, THRESHOLD, THROUGH_LAYOUT,
+                     get_report)
 from .zoo import build, count_batchnorms, example_inputs
 
 RULE_COLUMNS = {FORWARD: "fwd", BACKWARD_VECTOR: "bwd vec", BACKWARD_BIAS_MAP: "bwd map",
@@ -79,7 +80,8 @@ def run_one(name: str, size: int, batch: int, lrp_form: bool, check: bool, seed:
         "model": name, "input": [list(x.shape) for x in inputs],
         "batchnorms_before": count_batchnorms(traced), "batchnorms_after": count_batchnorms(gm),
         "folds": {rule: counts.get(rule, 0) for rule in RULE_COLUMNS},
-        "left": {e.batchnorm: e.left_reason for e in report.left},
+        "left": {e.batchnorm: e.left_reason for e in report.left if not e.refused(PER_SAMPLE_STATISTICS)},
+        "kept": {e.batchnorm: e.left_reason for e in report.left if e.refused(PER_SAMPLE_STATISTICS)},
         "trace_s": traced_s, "canonicalize_s": canon_s,
     }
     if check:
@@ -107,6 +109,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         for batchnorm, reason in r["left"].items():
             text.append(f"{r['model']}: {batchnorm} left: {reason}")
+        for norm, reason in r["kept"].items():
+            text.append(f"{r['model']}: {norm} kept (not a BatchNorm): {reason}")
     return "\n".join(text)
 
 

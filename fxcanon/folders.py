@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 from .affine import ForwardFold, Sink
 from .fold_math import batchnorm_affine, fold_into_output, fused_input, fused_output, relu_factorization
 from .modules import ThresholdReLU, conv_bias_map, threshold_relu
-from .report import Fold, fold_record
+from .report import GRAPH_INPUTS, TRAINING, Fold, Refusal, fold_record
 from .rewrite import build_layer, fold_sink, fresh_name, install_layer, layer_tensors
 from .views import LINEAR_FUNCTIONS, BatchNormView, LinearView, check_batchnorm
 
@@ -45,7 +45,7 @@ class ModuleFolder:
 
     graph_params = False
 
-    def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | str:
+    def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | Refusal:
         """The BatchNorm's affine map, or why it stays (raises for bad statistics and training mode)."""
         reason = check_batchnorm(bn, allow_training)
         if reason is not None:
@@ -130,17 +130,17 @@ class GraphFolder:
     def _fn(self, fn: Any) -> Any:
         return CachedFold(fn) if self.cache else fn
 
-    def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | str:
+    def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | Refusal:
         if bn.training:
-            return "training mode: left for the training graph"
+            return Refusal(TRAINING, "training mode: left for the training graph")
         if bn.running_mean is None or bn.running_var is None:
-            return "track_running_stats=False: normalizes with batch statistics even in eval mode"
+            return bn.kind.without_statistics
         if bn.node.op != "call_function":
-            return "module call: parameters are not graph inputs"
+            return Refusal(GRAPH_INPUTS, "module call: parameters are not graph inputs")
         args = [*(bn.args.get(k) for k in ("running_mean", "running_var", "weight", "bias")), bn.eps]
         anchor = _hoist(gm, args)
         if anchor is None:
-            return "statistics computed inside the graph"
+            return Refusal(GRAPH_INPUTS, "statistics computed inside the graph")
         with gm.graph.inserting_before(anchor.next):
             st = gm.graph.call_function(self._fn(batchnorm_affine), tuple(args))
             s = gm.graph.call_function(operator.getitem, (st, 0))

@@ -15,9 +15,10 @@ from .affine import Guard
 from .views import shape_holds
 
 
-def insert_guard(gm: GraphModule, value: Node, guard: Guard, before: Node, folded: str) -> None:
-    """Check ``guard`` on ``value`` right before ``before``; the error names ``folded`` (a BatchNorm)."""
-    message = (f"fxcanon: BatchNorm {folded!r} was folded for inputs with {guard.describe()}; this input "
+def insert_guard(gm: GraphModule, value: Node, guard: Guard, before: Node, folded: str,
+                 kind: str = "BatchNorm") -> None:
+    """Check ``guard`` on ``value`` right before ``before``; the error names ``folded`` (a ``kind``)."""
+    message = (f"fxcanon: {kind} {folded!r} was folded for inputs with {guard.describe()}; this input "
                "differs: call the original model, or canonicalize for inputs like this one")
     with gm.graph.inserting_before(before):
         holds = gm.graph.call_function(shape_holds, (value, guard.rank, guard.sizes))

@@ -9,7 +9,8 @@ tensor arguments, and every graph input may alias every other one.
 In-place spellings recognised: ``x.op_()`` methods and ``torch.op_`` functions, ``inplace=True``
 (functional or module attribute), ``operator.i*`` augmented assignment, ``out=`` arguments and
 ``operator.setitem`` / ``__setitem__``. Leaf modules and wrapped functions of the user's own
-(code the graph does not show) may change any tensor they receive.
+(code the graph does not show) may change any tensor they receive, unless registered as a layer
+or norm kind (``fxcanon.register_layer``, ``fxcanon.register_norm``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
+
+from .kinds import module_kind
+from .views import LINEAR_MODULES
 
 _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
               operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
@@ -109,7 +113,8 @@ def mutated_args(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | No
         module = modules[node.target] if modules is not None else gm.get_submodule(str(node.target))
         if getattr(module, "inplace", False) is True:
             targets.append(first)
-        elif not _is_library(type(module)):  # a leaf module of the user's: its code is not in the graph
+        elif not (_is_library(type(module)) or type(module) in LINEAR_MODULES or module_kind(module) is not None):
+            # a leaf module of the user's, not registered as a layer or norm: its code is not in the graph
             targets.extend(node.all_input_nodes)
     if node.op == "call_function" and not _is_library(node.target):  # a wrapped function of the user's
         targets.extend(node.all_input_nodes)

@@ -17,6 +17,30 @@ BACKWARD_BIAS_MAP = "backward, bias map"  # BN -> zero-padded Conv / ConvTranspo
 THROUGH_LAYOUT = "through layout"  # BN -> layout ops / concat -> Linear/Conv (A.21-A.26)
 THRESHOLD = "threshold"  # BN -> ReLU -> (layout ops) -> Linear/Conv (section 5)
 
+# Refusal codes: why (part of) a norm stays. Passes and the command line match these, never messages.
+HOOKS = "hooks"  # the norm module has forward hooks
+TRAINING = "training"  # normalizes with batch statistics: training mode
+NO_RUNNING_STATISTICS = "no running statistics"  # a BatchNorm without running statistics
+PER_SAMPLE_STATISTICS = "per-sample statistics"  # an InstanceNorm with input statistics: never a fixed map
+GRAPH_INPUTS = "graph inputs"  # statistics or parameters are not inputs of a torch.compile graph
+NOT_AFTER_LAYER = "not after a layer"
+NOT_BEFORE_LAYER = "not before a layer"
+KEPT_FOR_USERS = "kept for users"  # folded into some users, kept for the others
+NOT_THROUGH_RELU = "not through its ReLU"
+UNREAD = "unread"  # no pass can read the call
+INSIDE = "inside"  # run inside a leaf module or a nested GraphModule
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why (part of) a norm stays: a ``code`` to match on and the ``message`` the report prints."""
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
 
 @dataclass
 class Fold:
@@ -60,8 +84,17 @@ class Entry:
     batchnorm: str  # node name
     source: str = ""  # module path, when the BatchNorm is a module
     folds: list[Fold] = field(default_factory=list)
-    left_reason: str | None = None  # set when (part of) the BatchNorm stays in the graph
+    refusals: list[Refusal] = field(default_factory=list)  # non-empty when (part of) the BatchNorm stays
     guards: list[str] = field(default_factory=list)  # conditions checked at call time
+
+    @property
+    def left_reason(self) -> str | None:
+        """Why (part of) the BatchNorm stays, as the report prints it; None if it is gone."""
+        return "; ".join(r.message for r in self.refusals) if self.refusals else None
+
+    def refused(self, code: str) -> bool:
+        """True if some refusal of this entry has ``code``."""
+        return any(r.code == code for r in self.refusals)
 
     @property
     def status(self) -> str:

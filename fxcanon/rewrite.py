@@ -20,7 +20,7 @@ from .fold_math import (LayerTensors, batchnorm_affine, channel_affine, fold_int
                         relu_factorization)
 from .modules import FUSED_FOR
 from .report import Fold, fold_record
-from .views import LINEAR_MODULES, LinearView, call_input
+from .views import LINEAR_MODULES, BatchNormView, LinearView, call_input
 
 # (spatial dims, transposed) -> the standard layer type
 _BASE_TYPES = {layout: base for base, layout in LINEAR_MODULES.items() if base in FUSED_FOR}
@@ -97,6 +97,13 @@ def fresh_name(gm: GraphModule, base: str) -> str:
         k += 1
         name = f"{base.replace('.', '_')}{k}"
     return name
+
+
+def erase_norm(gm: GraphModule, bn: BatchNormView) -> None:
+    """Erase the norm's output node, and its call when the output is an element of the call's tuple."""
+    gm.graph.erase_node(bn.node)
+    if bn.call is not None:
+        gm.graph.erase_node(bn.call)
 
 
 def replace_with_module(gm: GraphModule, node: Node, module: nn.Module, args: tuple[Any, ...], suffix: str) -> Node:

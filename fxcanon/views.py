@@ -2,7 +2,8 @@
 
 A convolution may be a ``call_module`` (``nn.Conv2d``) or a ``call_function``
 (``torch.conv2d``, ``F.conv2d``) whose parameters are ``get_attr`` nodes; a BatchNorm may be
-``nn.BatchNorm2d``, ``F.batch_norm`` (timm's ``BatchNormAct2d``) or ``torch.batch_norm``.
+``nn.BatchNorm2d``, ``F.batch_norm`` (timm's ``BatchNormAct2d``), ``torch.batch_norm`` or
+``torch.native_batch_norm`` (the norm kinds and their spellings are declared in ``fxcanon.kinds``).
 Passes read nodes only through the views below and never test targets themselves.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,7 +21,9 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from .errors import CanonizationError
+from .kinds import AFFINE_TAIL_KINDS, BATCH_NORM, AffineTailKind, NormKind, function_kind, module_kind
 from .modules import FUSED_TYPES
+from .report import TRAINING, Refusal
 
 # module type -> (spatial dims, transposed); spatial dims 0 means Linear
 LINEAR_MODULES: dict[type, tuple[int, bool]] = {
@@ -46,19 +50,19 @@ LINEAR_FUNCTIONS: dict[Callable[..., Any], tuple[tuple[str, ...], int, bool]] = 
     torch.conv_transpose3d: (_CONV_T_ARGS, 3, True),
 }
 
-# BatchNorm module type -> input ranks the module accepts (None: any rank >= 2)
-_BATCHNORM_MODULES: dict[type, tuple[int, ...] | None] = {
-    nn.BatchNorm1d: (2, 3),
-    nn.BatchNorm2d: (4,),
-    nn.BatchNorm3d: (5,),
-    nn.SyncBatchNorm: None,
-}
-_BATCHNORM_FUNCTIONS: dict[Callable[..., Any], tuple[str, ...]] = {
-    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-    torch.batch_norm: (
-        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled",
-    ),
-}
+def register_layer(cls: type[nn.Module], like: type[nn.Module] = nn.Conv2d) -> type[nn.Module]:
+    """Fold into and out of modules of type ``cls`` as into ``like`` (``nn.Linear``, ``nn.ConvNd`` or
+    ``nn.ConvTransposeNd``).
+
+    For a user's subclass kept as a leaf by a custom tracer, or a layer of the user's with
+    ``like``'s attributes (``weight``, ``bias``, ``stride``, ``padding``, ``dilation``, ``groups``,
+    ``padding_mode``, ``output_padding``) and function; a folded call becomes a fused ``like``
+    layer (its own ``forward`` is not run). Returns ``cls``.
+    """
+    if like not in LINEAR_MODULES:
+        raise ValueError(f"{like.__name__} is not a layer type fxcanon folds into")
+    LINEAR_MODULES[cls] = LINEAR_MODULES[like]
+    return cls
 
 
 def get_attr_value(gm: GraphModule, target: str) -> Any:
@@ -226,9 +230,11 @@ def linear_view(gm: GraphModule, node: Node, graph_params: bool = False) -> Line
 
 @dataclass(frozen=True)
 class BatchNormView:
-    """A BatchNorm call: statistics, affine parameters and mode, however it is spelled."""
+    """A norm call that may be a per-channel affine map (a source of ``fxcanon.kinds``): statistics,
+    affine parameters and mode, however it is spelled. ``running_mean`` and ``running_var`` are
+    None when the call normalizes with statistics of its input outside training mode."""
 
-    node: Node
+    node: Node  # the normalized tensor: the call, or the element of its tuple result
     input: Node
     name: str
     running_mean: Tensor | None
@@ -240,6 +246,8 @@ class BatchNormView:
     accepted_ranks: tuple[int, ...] | None  # ranks the call itself enforces
     args: dict[str, Any] = field(default_factory=dict)  # a functional call's arguments by name
     module: nn.Module | None = None
+    kind: NormKind = BATCH_NORM
+    call: Node | None = None  # the call, when ``node`` is an element of its tuple result
 
     @property
     def num_features(self) -> int:
@@ -255,35 +263,95 @@ class BatchNormView:
         return ranks[0] if ranks is not None and len(ranks) == 1 else None
 
 
+def _tuple_element(node: Node) -> tuple[Node, int] | None:
+    """``(call, i)`` if ``node`` is ``call[i]`` and the only use of ``call``, else None."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    call, index = node.args
+    return (call, index) if isinstance(call, Node) and len(call.users) == 1 else None
+
+
 def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False) -> BatchNormView | None:
-    """View ``node`` as a BatchNorm, or None if it is not one (``graph_params``: see ``_param``)."""
+    """View ``node`` as a norm source (``fxcanon.kinds``), or None (``graph_params``: see ``_param``).
+
+    A spelling that returns a tuple is viewed at the element that is the normalized tensor."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if type(module) not in _BATCHNORM_MODULES or not isinstance(call_input(node), Node):
+        kind = module_kind(module)
+        if kind is None or not isinstance(call_input(node), Node):
             return None
+        tracks = kind.tracks(module)
         return BatchNormView(
-            node=node, input=call_input(node), name=node.target, running_mean=module.running_mean,
-            running_var=module.running_var, weight=module.weight, bias=module.bias, eps=module.eps,
-            training=module.training,
-            accepted_ranks=_BATCHNORM_MODULES[type(module)], module=module,
+            node=node, input=call_input(node), name=node.target,
+            running_mean=module.running_mean if tracks else None, running_var=module.running_var if tracks else None,
+            weight=module.weight, bias=module.bias, eps=module.eps, training=module.training,
+            accepted_ranks=kind.modules[type(module)], module=module, kind=kind,
         )
-    if node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
-        args = bind_args(node, _BATCHNORM_FUNCTIONS[node.target])
+    element = _tuple_element(node)
+    call = node if element is None else element[0]
+    found = function_kind(call.target) if call.op == "call_function" else None
+    if found is None or found[1].output != (None if element is None else element[1]):
+        return None
+    kind, spelling = found
+    args = {**spelling.defaults, **bind_args(call, spelling.args)}
+    try:
+        tensors = {k: _param(gm, args.get(k), graph_params) for k in ("running_mean", "running_var", "weight", "bias")}
+    except KeyError:
+        return None
+    flag = args.get(kind.flag)
+    if not isinstance(args.get("input"), Node) or not isinstance(flag, bool):
+        return None
+    training = flag == kind.flag_selects and kind.flag_is_training
+    if flag == kind.flag_selects and not training:
+        tensors.update(running_mean=None, running_var=None)
+    eps = args.get("eps")
+    if not (isinstance(eps, (int, float)) or (graph_params and isinstance(eps, Node))):
+        return None
+    return BatchNormView(node=node, input=args["input"], name=call.name,
+                         eps=float(eps) if isinstance(eps, (int, float)) else eps, training=training,
+                         accepted_ranks=None, args=args, kind=kind, call=None if element is None else call,
+                         **tensors)
+
+
+@dataclass(frozen=True)
+class AffineTailView:
+    """A LayerNorm or GroupNorm call whose affine tail ``g * n + b`` has one weight per feature of
+    ``kind.axis`` (``fxcanon.kinds.AffineTailKind``)."""
+
+    node: Node
+    input: Node
+    weight: Tensor
+    bias: Tensor | None
+    kind: AffineTailKind
+    args: dict[str, Any] = field(default_factory=dict)  # a functional call's arguments by name
+    module: nn.Module | None = None
+
+
+def affine_tail_view(gm: GraphModule, node: Node) -> AffineTailView | None:
+    """View ``node`` as a norm with a per-feature affine tail, or None."""
+    module, args = None, {}
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        kind = next((k for k in AFFINE_TAIL_KINDS if type(module) in k.modules), None)
+        if kind is None:
+            return None
+        data, weight, bias = call_input(node), module.weight, module.bias
+    elif node.op == "call_function":
+        kind = next((k for k in AFFINE_TAIL_KINDS if node.target in k.functions), None)
+        if kind is None:
+            return None
+        spelling = kind.functions[node.target]
+        args = {**spelling.defaults, **bind_args(node, spelling.args)}
         try:
-            tensors = {k: _param(gm, args.get(k), graph_params)
-                       for k in ("running_mean", "running_var", "weight", "bias")}
+            weight, bias = (_param(gm, args.get(k), False) for k in ("weight", "bias"))
         except KeyError:
             return None
-        training = args.get("training", False)
-        if not isinstance(args.get("input"), Node) or not isinstance(training, bool):
-            return None
-        eps = args.get("eps", 1e-5)
-        if not isinstance(eps, (int, float)) and not graph_params:
-            return None
-        return BatchNormView(node=node, input=args["input"], name=node.name,
-                             eps=float(eps) if isinstance(eps, (int, float)) else eps,
-                             training=training, accepted_ranks=None, args=args, **tensors)
-    return None
+        data = args.get("input")
+    else:
+        return None
+    if not isinstance(data, Node) or not isinstance(weight, Tensor) or weight.dim() != 1:
+        return None
+    return AffineTailView(node, data, weight, bias, kind, args, module)
 
 
 @dataclass(frozen=True)
@@ -320,25 +388,26 @@ def constant_pad_view(gm: GraphModule, node: Node) -> ConstantPadView | None:
     return None
 
 
-def check_batchnorm(bn: BatchNormView, allow_training: bool) -> str | None:
-    """Raise for BatchNorms that must not be canonized silently; return why one is left, or None."""
+def check_batchnorm(bn: BatchNormView, allow_training: bool) -> Refusal | None:
+    """Raise for norms that must not be canonized silently; return why one is left, or None."""
+    kind = bn.kind.name
     if bn.running_mean is None or bn.running_var is None:
-        return "track_running_stats=False: normalizes with batch statistics even in eval mode"
+        return bn.kind.without_statistics
     if bn.training:
         if not allow_training:
             raise CanonizationError(
-                f"BatchNorm {bn.name!r} is in training mode; call model.eval() before canonicalize "
-                "(or pass allow_training=True to leave training-mode BatchNorms untouched)"
+                f"{kind} {bn.name!r} is in training mode; call model.eval() before canonicalize "
+                f"(or pass allow_training=True to leave training-mode {kind}s untouched)"
             )
-        return "training mode: normalizes with batch statistics"
+        return Refusal(TRAINING, "training mode: normalizes with batch statistics")
     if not (isinstance(bn.eps, (int, float)) and math.isfinite(bn.eps) and bn.eps >= 0):
-        raise CanonizationError(f"BatchNorm {bn.name!r} has eps={bn.eps}: it must be a finite number >= 0")
+        raise CanonizationError(f"{kind} {bn.name!r} has eps={bn.eps}: it must be a finite number >= 0")
     for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
                           ("weight", bn.weight), ("bias", bn.bias)):
         if tensor is not None and not torch.isfinite(tensor).all():
-            raise CanonizationError(f"BatchNorm {bn.name!r} has NaN or Inf in its {label}")
+            raise CanonizationError(f"{kind} {bn.name!r} has NaN or Inf in its {label}")
     if bool((bn.running_var.double() + bn.eps <= 0).any()):
-        raise CanonizationError(f"BatchNorm {bn.name!r} has running_var + eps <= 0")
+        raise CanonizationError(f"{kind} {bn.name!r} has running_var + eps <= 0")
     return None
 
 

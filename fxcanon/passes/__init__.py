@@ -12,6 +12,7 @@ from .explicit_pooling import ExplicitPooling
 from .explicit_sums import ExplicitSums
 from .fold_backward import FoldBatchNormBackward
 from .fold_forward import FoldBatchNormForward
+from .fold_norm_affine import FoldNormAffine
 from .fold_threshold import FoldBatchNormThroughReLU, is_pre_activation
 
 # Forward folds first: they never need a bias map; the threshold activation only where neither applies.
@@ -22,6 +23,7 @@ DEFAULT_PASSES: tuple[type[CanonizationPass], ...] = (
 # The folds alone, without the explicit modules for LRP (sums, gates, pooling): for inference.
 FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:3]
 # The explicit modules alone, BatchNorms kept: the paper's "not canonized" baseline for LRP.
+# Not in any of these: FoldNormAffine (LayerNorm/GroupNorm affine tails), opt-in.
 STRUCTURAL_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[3:]
 
 PREFER = ("forward", "threshold")
@@ -59,5 +61,5 @@ def ordered(passes: Sequence[PassLike], prefer: str = "forward", preset: str | N
 __all__ = [
     "DEFAULT_PASSES", "FOLD_PASSES", "PREFER", "PRESETS", "STRUCTURAL_PASSES", "CanonizationPass", "ExplicitGates",
     "ExplicitPooling", "ExplicitSums", "FoldBatchNormBackward", "FoldBatchNormForward", "FoldBatchNormThroughReLU",
-    "is_pre_activation", "ordered",
+    "FoldNormAffine", "is_pre_activation", "ordered",
 ]

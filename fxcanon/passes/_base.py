@@ -12,7 +12,7 @@ from ..affine import Guard
 from ..folders import Affine, GraphFolder, ModuleFolder
 from ..guards import insert_guard
 from ..mutation import AliasAnalysis, fold_hazard
-from ..report import Entry, Report
+from ..report import HOOKS, Entry, Refusal, Report
 from ..views import BatchNormView, batchnorm_view, has_hooks
 
 
@@ -42,7 +42,7 @@ class CanonizationPass(PassBase):
         graphs (``folder.graph_params``): Dynamo already guards ranks and sizes of its graphs."""
         if guard is None or self.folder.graph_params:
             return
-        insert_guard(gm, value, guard, before, bn.name)
+        insert_guard(gm, value, guard, before, bn.name, bn.kind.name)
         entry.guards.append(guard.describe())
 
     def batchnorms(self, gm: GraphModule, reverse: bool = False) -> Iterator[tuple[BatchNormView, Entry, Affine]]:
@@ -57,12 +57,12 @@ class CanonizationPass(PassBase):
             bn = batchnorm_view(gm, node, self.folder.graph_params)
             if bn is None:
                 continue
-            entry = self.report.entry(node.name, bn.name)
+            entry = self.report.entry((bn.call or node).name, bn.name)
             if has_hooks(bn.module):
-                entry.left_reason = "has forward hooks (folding it would drop them)"
+                entry.refusals = [Refusal(HOOKS, "has forward hooks (folding it would drop them)")]
                 continue
             affine = self.folder.affine(gm, bn, self.allow_training)
-            if isinstance(affine, str):
-                entry.left_reason = affine
+            if isinstance(affine, Refusal):
+                entry.refusals = [affine]
                 continue
             yield bn, entry, affine

@@ -7,7 +7,8 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import BackwardFold, backward_fold
-from ..rewrite import finish
+from ..report import KEPT_FOR_USERS, NOT_BEFORE_LAYER, Refusal
+from ..rewrite import erase_norm, finish
 from ._base import CanonizationPass
 
 
@@ -35,9 +36,8 @@ class FoldBatchNormBackward(CanonizationPass):
                                      bn.node)
                 plan = hazard if hazard is not None else plan
             if not isinstance(plan, BackwardFold):
-                if not entry.folds:
-                    entry.left_reason = f"{entry.left_reason}; not before a layer: {plan}" if entry.left_reason \
-                        else plan
+                if not entry.folds and not entry.refused(NOT_BEFORE_LAYER):
+                    entry.refusals.append(Refusal(NOT_BEFORE_LAYER, f"not before a layer: {plan}"))
                 continue
             self.guard(graph_module, bn.input, plan.guard, bn.node, bn, entry)
             for user in plan.rewired:
@@ -45,8 +45,8 @@ class FoldBatchNormBackward(CanonizationPass):
             for sink in plan.sinks:
                 entry.folds.append(self.folder.fold_input(graph_module, sink, affine.s, affine.t))
             if not bn.node.users:
-                graph_module.graph.erase_node(bn.node)
-            entry.left_reason = plan.left_reason
+                erase_norm(graph_module, bn)
+            entry.refusals = [] if plan.left_reason is None else [Refusal(KEPT_FOR_USERS, plan.left_reason)]
             modified = True
         finish(graph_module, modified)
         return PassResult(graph_module, modified)

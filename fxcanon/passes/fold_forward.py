@@ -10,8 +10,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import forward_folds
 from ..folders import Affine
-from ..report import FORWARD, Fold
-from ..rewrite import finish
+from ..report import FORWARD, NOT_AFTER_LAYER, Fold, Refusal
+from ..rewrite import erase_norm, finish
 from ..views import call_input
 from ._base import CanonizationPass
 
@@ -36,15 +36,16 @@ class FoldBatchNormForward(CanonizationPass):
                 plan = hazard if hazard is not None else plan
             if isinstance(plan, str) or not all(self.folder.supports(fold.producer) for fold in plan):
                 if not entry.folds:
-                    entry.left_reason = f"not after a layer: {plan if isinstance(plan, str) else 'unsupported'}"
+                    reason = plan if isinstance(plan, str) else "unsupported"
+                    entry.refusals = [Refusal(NOT_AFTER_LAYER, f"not after a layer: {reason}")]
                 continue
             fused = [self.folder.fold_output(graph_module, fold, _channels(graph_module, affine, fold.channels))
                      for fold in plan]
             bn.node.replace_all_uses_with(bn.input if plan[0].channels is not None else fused[0])
-            graph_module.graph.erase_node(bn.node)
+            erase_norm(graph_module, bn)
             self.guard(graph_module, call_input(fused[0]), plan[0].guard, fused[0], bn, entry)
             entry.folds.extend(Fold(node.name, FORWARD) for node in fused)
-            entry.left_reason = None
+            entry.refusals = []
             modified = True
         finish(graph_module, modified)
         return PassResult(graph_module, modified)

@@ -9,8 +9,8 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import BackwardFold, backward_fold, forward_folds
-from ..report import THRESHOLD
-from ..rewrite import finish
+from ..report import NOT_THROUGH_RELU, THRESHOLD, Refusal
+from ..rewrite import erase_norm, finish
 from ..views import batchnorm_view, has_hooks, relu_after
 from ._base import CanonizationPass
 
@@ -46,8 +46,8 @@ class FoldBatchNormThroughReLU(CanonizationPass):
                 plan = hazard if hazard is not None else plan
             if not isinstance(plan, BackwardFold) or plan.left_reason is not None:
                 reason = plan if isinstance(plan, str) else plan.left_reason
-                if "after its ReLU" not in (entry.left_reason or ""):
-                    entry.left_reason = f"{entry.left_reason}; after its ReLU: {reason}"
+                if not entry.refused(NOT_THROUGH_RELU):
+                    entry.refusals.append(Refusal(NOT_THROUGH_RELU, f"after its ReLU: {reason}"))
                 continue
             self.guard(graph_module, bn.input, plan.guard, bn.node, bn, entry)
             threshold, shift = self.folder.threshold(graph_module, bn, relu, affine)
@@ -56,9 +56,10 @@ class FoldBatchNormThroughReLU(CanonizationPass):
                 user.replace_input_with(relu, threshold)
             for sink in plan.sinks:
                 entry.folds.append(self.folder.fold_input(graph_module, sink, affine.s, shift, rule=THRESHOLD))
-            for node in [relu, *reversed(between), bn.node]:
+            for node in [relu, *reversed(between)]:
                 graph_module.graph.erase_node(node)
-            entry.left_reason = None
+            erase_norm(graph_module, bn)
+            entry.refusals = []
             modified = True
         finish(graph_module, modified)
         return PassResult(graph_module, modified)
