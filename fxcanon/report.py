@@ -16,6 +16,8 @@ BACKWARD_VECTOR = "backward, vector bias"  # BN -> Linear/Conv without zero padd
 BACKWARD_BIAS_MAP = "backward, bias map"  # BN -> zero-padded Conv / ConvTranspose (A.10-A.20)
 THROUGH_LAYOUT = "through layout"  # BN -> layout ops / concat -> Linear/Conv (A.21-A.26)
 THRESHOLD = "threshold"  # BN -> ReLU -> (layout ops) -> Linear/Conv (section 5)
+IDENTITY_BRANCH = "identity branch"  # layer(x) + BN(x) -> layer'(x) (RepVGG-style blocks)
+PRECOMPUTED = "precomputed"  # BN of parameters only (weight standardization): a constant
 
 
 @dataclass

@@ -35,7 +35,7 @@ def assert_same(model, gm, *inputs, tol=1e-12):
 
 def test_default_order_is_folds_then_explicit_modules():
     assert [p.__name__ for p in DEFAULT_PASSES] == [
-        "FoldBatchNormForward", "FoldBatchNormBackward", "FoldBatchNormThroughReLU", "ExplicitSums",
+        "PrecomputeParameterBatchNorms", "FoldBatchNormForward", "FoldBatchNormBackward", "FoldBatchNormThroughReLU", "ExplicitSums",
         "ExplicitGates", "ExplicitPooling"]
 
 

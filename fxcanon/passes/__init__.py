@@ -13,16 +13,18 @@ from .explicit_sums import ExplicitSums
 from .fold_backward import FoldBatchNormBackward
 from .fold_forward import FoldBatchNormForward
 from .fold_threshold import FoldBatchNormThroughReLU, is_pre_activation
+from .precompute_parameters import PrecomputeParameterBatchNorms
 
-# Forward folds first: they never need a bias map; the threshold activation only where neither applies.
+# Constants first (weight standardization: the layers it feeds become plain layers); forward folds
+# before the others: they never need a bias map; the threshold activation only where neither applies.
 DEFAULT_PASSES: tuple[type[CanonizationPass], ...] = (
-    FoldBatchNormForward, FoldBatchNormBackward, FoldBatchNormThroughReLU, ExplicitSums, ExplicitGates,
-    ExplicitPooling,
+    PrecomputeParameterBatchNorms, FoldBatchNormForward, FoldBatchNormBackward, FoldBatchNormThroughReLU,
+    ExplicitSums, ExplicitGates, ExplicitPooling,
 )
 # The folds alone, without the explicit modules for LRP (sums, gates, pooling): for inference.
-FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:3]
+FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:4]
 # The explicit modules alone, BatchNorms kept: the paper's "not canonized" baseline for LRP.
-STRUCTURAL_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[3:]
+STRUCTURAL_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[4:]
 
 PREFER = ("forward", "threshold")
 PRESETS = ("paper",)
@@ -59,5 +61,5 @@ def ordered(passes: Sequence[PassLike], prefer: str = "forward", preset: str | N
 __all__ = [
     "DEFAULT_PASSES", "FOLD_PASSES", "PREFER", "PRESETS", "STRUCTURAL_PASSES", "CanonizationPass", "ExplicitGates",
     "ExplicitPooling", "ExplicitSums", "FoldBatchNormBackward", "FoldBatchNormForward", "FoldBatchNormThroughReLU",
-    "is_pre_activation", "ordered",
+    "PrecomputeParameterBatchNorms", "is_pre_activation", "ordered",
 ]
