@@ -12,19 +12,21 @@ from .explicit_pooling import ExplicitPooling
 from .explicit_sums import ExplicitSums
 from .fold_backward import FoldBatchNormBackward
 from .fold_forward import FoldBatchNormForward
+from .fold_identity_branch import FoldIdentityBranch
 from .fold_threshold import FoldBatchNormThroughReLU, is_pre_activation
 from .precompute_parameters import PrecomputeParameterBatchNorms
 
 # Constants first (weight standardization: the layers it feeds become plain layers); forward folds
-# before the others: they never need a bias map; the threshold activation only where neither applies.
+# before the others: they never need a bias map; the threshold activation only where neither applies;
+# identity branches after the folds (their sibling conv -> BN is one layer then), before sums become modules.
 DEFAULT_PASSES: tuple[type[CanonizationPass], ...] = (
     PrecomputeParameterBatchNorms, FoldBatchNormForward, FoldBatchNormBackward, FoldBatchNormThroughReLU,
-    ExplicitSums, ExplicitGates, ExplicitPooling,
+    FoldIdentityBranch, ExplicitSums, ExplicitGates, ExplicitPooling,
 )
 # The folds alone, without the explicit modules for LRP (sums, gates, pooling): for inference.
-FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:4]
+FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:5]
 # The explicit modules alone, BatchNorms kept: the paper's "not canonized" baseline for LRP.
-STRUCTURAL_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[4:]
+STRUCTURAL_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[5:]
 
 PREFER = ("forward", "threshold")
 PRESETS = ("paper",)
@@ -61,5 +63,5 @@ def ordered(passes: Sequence[PassLike], prefer: str = "forward", preset: str | N
 __all__ = [
     "DEFAULT_PASSES", "FOLD_PASSES", "PREFER", "PRESETS", "STRUCTURAL_PASSES", "CanonizationPass", "ExplicitGates",
     "ExplicitPooling", "ExplicitSums", "FoldBatchNormBackward", "FoldBatchNormForward", "FoldBatchNormThroughReLU",
-    "PrecomputeParameterBatchNorms", "is_pre_activation", "ordered",
+    "FoldIdentityBranch", "PrecomputeParameterBatchNorms", "is_pre_activation", "ordered",
 ]
