@@ -94,6 +94,30 @@ def test_timm_style_identity_chain_with_zero_start_folds():
     assert_same(model, gm, torch.randn(2, 4, 7, 5, dtype=D))
 
 
+class Difference(nn.Module):
+    """FastViT's ``x + (mixer(x) - norm(x))`` with ``norm(x) = 0 + bn(x)``, or ``bn(x) - conv(x)``."""
+
+    def __init__(self, bn_first: bool = False):
+        super().__init__()
+        self.bn, self.conv, self.bn_first = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, groups=4), bn_first
+
+    def forward(self, x):
+        if self.bn_first:
+            return self.bn(x) - self.conv(x)
+        return x + (self.conv(x) - (0 + self.bn(x)))
+
+
+def test_subtracted_identity_branch_folds_with_negated_scale_and_shift():
+    model = randomize_batchnorms(Difference()).eval().double()
+    gm = canonicalize(model)
+    assert not batchnorm_calls(gm)
+    assert_same(model, gm, torch.randn(2, 4, 6, 5, dtype=D))
+    model = randomize_batchnorms(Difference(bn_first=True)).eval().double()
+    gm = canonicalize(model)
+    assert "subtracts another term from it" in get_report(gm).entries["bn"].left_reason
+    assert_same(model, gm, torch.randn(2, 4, 6, 5, dtype=D))
+
+
 @pytest.mark.parametrize("conv, x, reason", [
     (nn.Conv2d(4, 4, 1, stride=2), (2, 4, 1, 1), "stride"),
     (nn.Conv2d(4, 4, 2), None, "even kernel"),

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..affine import rank_guard
+from ..affine import Guard, rank_guard
 from ..fold_math import add_identity
 from ..report import IDENTITY_BRANCH, Fold
 from ..rewrite import build_layer, finish, install_layer, layer_tensors
 from ..views import BatchNormView, LinearView, has_hooks, identity_input, linear_view, reads_only_metadata
 from ._base import CanonizationPass
 
-_ADD_FUNCTIONS = {operator.add, torch.add}
+# out-of-place additions and subtractions: the sign each takes its second operand with
+_SIGNS = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
+_METHOD_SIGNS = {"add": 1, "sub": -1}
 
 
-def _operands(node: Node) -> tuple[Any, Any] | None:
-    """``(a, b)`` of an out-of-place ``a + b`` (no ``alpha``), else None."""
-    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
-        (node.op == "call_method" and node.target == "add")
-    return (node.args[0], node.args[1]) if is_add and len(node.args) == 2 and not node.kwargs else None
+def _operands(node: Node) -> tuple[tuple[Any, int], tuple[Any, int]] | None:
+    """``((a, 1), (b, +-1))`` for ``a + b`` / ``a - b`` (out of place, no ``alpha``), else None."""
+    table = {"call_function": _SIGNS, "call_method": _METHOD_SIGNS}.get(node.op, {})
+    sign = next((v for k, v in table.items() if k is node.target or k == node.target), None)
+    if sign is None or len(node.args) != 2 or node.kwargs:
+        return None
+    return (node.args[0], 1), (node.args[1], sign)
 
 
 def _real_users(node: Node) -> list[Node]:
@@ -33,7 +37,8 @@ def _real_users(node: Node) -> list[Node]:
 
 def _branch(gm: GraphModule, node: Node) -> tuple[list[Node], Node] | None:
     """``(chain, add)``: ``node`` and the identity ops after it (each the only real use of the one
-    before) up to the addition that uses the last of them once; None if ``node`` goes elsewhere."""
+    before) up to the addition (or subtraction) that uses the last of them once; None if ``node``
+    goes elsewhere."""
     chain = [node]
     while True:
         users = _real_users(chain[-1])
@@ -41,7 +46,7 @@ def _branch(gm: GraphModule, node: Node) -> tuple[list[Node], Node] | None:
             return None
         operands = _operands(users[0])
         if operands is not None:
-            return (chain, users[0]) if sum(o is chain[-1] for o in operands) == 1 else None
+            return (chain, users[0]) if sum(o is chain[-1] for o, _ in operands) == 1 else None
         if identity_input(gm, users[0]) is not chain[-1]:
             return None
         chain.append(users[0])
@@ -61,19 +66,21 @@ def _origin(gm: GraphModule, node: Node) -> Node:
     return node
 
 
-def _summands(gm: GraphModule, add: Node) -> list[Node]:
-    """The layer-like terms of the sum that ``add`` belongs to: the operands of the whole tree of
-    additions, each addition the only real use of the one below (identity ops in between)."""
+def _terms(gm: GraphModule, add: Node) -> list[tuple[Node, int]]:
+    """The terms of the sum that ``add`` belongs to, with their signs in it: the operands of the
+    whole tree of additions and subtractions, each the only real use of the one below (identity
+    ops in between)."""
     while (up := _branch(gm, add)) is not None:
         add = up[1]
-    terms, pending = [], [add]
+    terms, pending = [], [(add, 1)]
     while pending:
-        for operand in _operands(pending.pop()) or ():
+        node, sign = pending.pop()
+        for operand, operand_sign in _operands(node) or ():
             if not isinstance(operand, Node):
                 continue
             start = _branch_start(gm, operand)
             nested = _operands(start) is not None and _branch(gm, start) is not None
-            (pending if nested else terms).append(start)
+            (pending if nested else terms).append((start, sign * operand_sign))
     return terms
 
 
@@ -81,12 +88,15 @@ def _detach(gm: GraphModule, chain: list[Node], add: Node) -> tuple[list[Node], 
     """How to drop the term ``chain`` ends in from its sum: ``(dropped, add, other)``, the nodes to
     erase and the addition that becomes its other operand ``other``. Where that operand is a zero
     (``0 + BN(x)``, as in ``out = 0 + identity; out += conv(x)``), the addition is dropped too, from
-    the addition above (which exists: the sum has a layer term). None where a non-zero constant is added."""
+    the addition above (which exists: the sum has a layer term). None where a non-zero constant is
+    added, or the term is what another is subtracted from (``BN(x) - y`` would leave ``-y``)."""
     dropped = list(chain)
     while True:
-        other = next(o for o in _operands(add) if o is not dropped[-1])
+        (first, _), (second, _) = operands = _operands(add)
+        other = second if first is dropped[-1] else first
         if isinstance(other, Node):
-            return dropped, add, other
+            subtracted_from = first is dropped[-1] and operands[1][1] < 0
+            return None if subtracted_from else (dropped, add, other)
         up = _branch(gm, add)
         if type(other) not in (int, float) or other != 0 or up is None:
             return None
@@ -113,6 +123,15 @@ def _misfit(gm: GraphModule, bn: BatchNormView, view: LinearView) -> str | None:
     return None
 
 
+class _Plan(NamedTuple):
+    layer: LinearView
+    guard: Guard | None  # on the BatchNorm's input
+    sign: int  # of the BatchNorm's term relative to the layer's: -1 where one of them is subtracted
+    dropped: list[Node]  # the BatchNorm's term, and additions of zero to it
+    add: Node  # the addition (subtraction) that becomes its other operand
+    other: Node
+
+
 class FoldIdentityBranch(CanonizationPass):
     """``layer(x) + BN(x) = layer'(x)``: ``W'[c, c mod (in/groups), centre] = W[...] + s[c]``, ``b' = b + t``.
 
@@ -124,8 +143,10 @@ class FoldIdentityBranch(CanonizationPass):
     the tap of channel ``c`` on itself (in its group, since ``in == out``) and ``t`` to the bias
     gives ``layer(x) + s * x + t`` at every position, for every input size. A Linear sibling
     (``in == out``) takes ``s`` on its diagonal. The addition then sums the other terms. The sum may
-    be a tree of out-of-place additions (``operator.add``, ``torch.add``) with identity ops
-    (eval-mode dropout, ``nn.Identity``) in between; the BatchNorm and the layer must feed only it.
+    be a tree of out-of-place additions and subtractions (``operator.add``, ``torch.add``, ``sub``)
+    with identity ops (eval-mode dropout, ``nn.Identity``) in between; the BatchNorm and the layer
+    must feed only it. Where one of them is subtracted (FastViT's ``mixer(x) - norm(x)``) the layer
+    takes ``-s`` and ``-t``.
     Runs after the forward folds, so conv -> BN branches are already one layer.
     """
 
@@ -147,27 +168,27 @@ class FoldIdentityBranch(CanonizationPass):
                 self._left[bn.node.name] = plan
                 entry.left_reason = f"{entry.left_reason}; no sibling layer: {plan}" if entry.left_reason else plan
                 continue
-            view, guard, (dropped, add, other) = plan
-            fused = install_layer(graph_module, view, build_layer(view, add_identity(layer_tensors(view), affine.s,
-                                                                                     affine.t), view.input_pad))
-            add.replace_all_uses_with(other)
-            graph_module.graph.erase_node(add)
-            for node in reversed(dropped):  # what is left reads only the shape, dtype or device: x's
+            view = plan.layer
+            tensors = add_identity(layer_tensors(view), plan.sign * affine.s, plan.sign * affine.t)
+            fused = install_layer(graph_module, view, build_layer(view, tensors, view.input_pad))
+            plan.add.replace_all_uses_with(plan.other)
+            graph_module.graph.erase_node(plan.add)
+            for node in reversed(plan.dropped):  # what is left reads only the shape, dtype or device: x's
                 node.replace_all_uses_with(bn.input)
                 graph_module.graph.erase_node(node)
-            self.guard(graph_module, bn.input, guard, fused, bn, entry)
+            self.guard(graph_module, bn.input, plan.guard, fused, bn, entry)
             entry.folds.append(Fold(fused.name, IDENTITY_BRANCH))
             entry.left_reason = None
             modified = True
         finish(graph_module, modified)
         return PassResult(graph_module, modified)
 
-    def _plan(self, gm: GraphModule, bn: BatchNormView, chain: list[Node], add: Node
-              ) -> tuple[LinearView, Any, tuple[list[Node], Node, Node]] | str:
-        """The sibling layer, the rank guard the fold needs and how to drop the BatchNorm's term
-        (see ``_detach``), or why the BatchNorm stays."""
+    def _plan(self, gm: GraphModule, bn: BatchNormView, chain: list[Node], add: Node) -> _Plan | str:
+        """How the BatchNorm's term goes into a sibling layer, or why it stays."""
+        terms = _terms(gm, add)
+        sign = next(sign for term, sign in terms if term is bn.node)
         misfits = []
-        for term in _summands(gm, add):
+        for term, term_sign in terms:
             view = linear_view(gm, term)
             if view is None or _branch(gm, term) is None:
                 continue
@@ -183,5 +204,7 @@ class FoldIdentityBranch(CanonizationPass):
             if hazard is not None:
                 return hazard
             detach = _detach(gm, chain, add)
-            return f"{add.name} adds it to a non-zero constant" if detach is None else (view, guard, detach)
+            if detach is None:
+                return f"{add.name} adds it to a non-zero constant or subtracts another term from it"
+            return _Plan(view, guard, sign * term_sign, *detach)
         return "; ".join(misfits) if misfits else f"the sum at {add.name} has no Linear/Conv term of its own"
