@@ -53,7 +53,7 @@ _BATCHNORM_MODULES: dict[type, tuple[int, ...] | None] = {
     nn.BatchNorm3d: (5,),
     nn.SyncBatchNorm: None,
 }
-_BATCHNORM_FUNCTIONS: dict[Callable[..., Any], tuple[str, ...]] = {
+BATCHNORM_FUNCTIONS: dict[Callable[..., Any], tuple[str, ...]] = {
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
     torch.batch_norm: (
         "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled",
@@ -267,8 +267,8 @@ def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False) -> B
             training=module.training,
             accepted_ranks=_BATCHNORM_MODULES[type(module)], module=module,
         )
-    if node.op == "call_function" and node.target in _BATCHNORM_FUNCTIONS:
-        args = bind_args(node, _BATCHNORM_FUNCTIONS[node.target])
+    if node.op == "call_function" and node.target in BATCHNORM_FUNCTIONS:
+        args = bind_args(node, BATCHNORM_FUNCTIONS[node.target])
         try:
             tensors = {k: _param(gm, args.get(k), graph_params)
                        for k in ("running_mean", "running_var", "weight", "bias")}

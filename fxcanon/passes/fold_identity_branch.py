@@ -23,8 +23,11 @@ _METHOD_SIGNS = {"add": 1, "sub": -1}
 
 def _operands(node: Node) -> tuple[tuple[Any, int], tuple[Any, int]] | None:
     """``((a, 1), (b, +-1))`` for ``a + b`` / ``a - b`` (out of place, no ``alpha``), else None."""
-    table = {"call_function": _SIGNS, "call_method": _METHOD_SIGNS}.get(node.op, {})
-    sign = next((v for k, v in table.items() if k is node.target or k == node.target), None)
+    sign = None
+    if node.op == "call_method":
+        sign = _METHOD_SIGNS.get(str(node.target))
+    elif node.op == "call_function":
+        sign = next((v for f, v in _SIGNS.items() if f is node.target), None)
     if sign is None or len(node.args) != 2 or node.kwargs:
         return None
     return (node.args[0], 1), (node.args[1], sign)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from ..inventory import is_batchnorm_call
 from ..mutation import mutated_args
 from ..report import PRECOMPUTED, Fold
 from ..rewrite import build_layer, finish, fresh_name, install_layer, layer_tensors
-from ..views import bind_args, get_attr_value, linear_view
+from ..views import BATCHNORM_FUNCTIONS, bind_args, linear_view
 from ._base import CanonizationPass
 
 # deterministic ops whose result is a function of their arguments alone
@@ -31,16 +30,13 @@ _PURE_METHODS = {
     "reshape", "reshape_as", "view", "view_as", "flatten", "permute", "transpose", "squeeze", "unsqueeze",
     "contiguous", "expand", "expand_as", "t", "clone", "detach", "float", "double", "half", "type_as",
 }
-_BATCHNORM_ARGS = {F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training"),
-                   torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training")}
 
 
 def _updates_statistics(node: Node) -> bool:
     """True for a training-mode BatchNorm call given running statistics: it changes them on every call."""
-    names = _BATCHNORM_ARGS.get(node.target) if node.op == "call_function" else None
-    if names is None:
+    if node.op != "call_function" or node.target not in BATCHNORM_FUNCTIONS:
         return False
-    args = bind_args(node, names)
+    args = bind_args(node, BATCHNORM_FUNCTIONS[node.target])
     return args.get("training") is not False and \
         (args.get("running_mean") is not None or args.get("running_var") is not None)
 
@@ -52,9 +48,7 @@ class _Constants:
     def __init__(self, gm: GraphModule) -> None:
         self.gm, self.memo = gm, {}
 
-    def __call__(self, node: Any) -> bool:
-        if not isinstance(node, Node):
-            return True
+    def __call__(self, node: Node) -> bool:
         if node not in self.memo:
             self.memo[node] = node.op == "get_attr" or (self._pure(node) and all(map(self, node.all_input_nodes)))
         return self.memo[node]
@@ -99,7 +93,7 @@ def _store(gm: GraphModule, node: Node, value: nn.Parameter, constant: _Constant
     names = []
     for user in list(attr.users):
         view = linear_view(gm, user)
-        if view is not None and view.module is None and view.args.get("weight") is attr:
+        if view is not None and view.module is None and attr in (view.args.get("weight"), view.args.get("bias")):
             user = install_layer(gm, view, build_layer(view, layer_tensors(view)))
         names.append(user.name)
     if not attr.users:  # each layer holds its own copy now
