@@ -47,10 +47,12 @@ class _Constants:
 
     def __init__(self, gm: GraphModule) -> None:
         self.gm, self.memo = gm, {}
+        for node in gm.graph.nodes:  # in order: each node's inputs are decided before it
+            self(node)
 
     def __call__(self, node: Node) -> bool:
         if node not in self.memo:
-            self.memo[node] = node.op == "get_attr" or (self._pure(node) and all(map(self, node.all_input_nodes)))
+            self.memo[node] = node.op == "get_attr" or (all(map(self, node.all_input_nodes)) and self._pure(node))
         return self.memo[node]
 
     def _pure(self, node: Node) -> bool:
