@@ -63,7 +63,7 @@ def main() -> None:
     rows = ["| model | BatchNorms | left | rel. error (float64) | canonicalize s |", "|---|---:|---:|---:|---:|"]
     reasons: Counter[str] = Counter()
     total = left = 0
-    failed = []
+    failed, errors = [], []
     for name in args.models:
         try:
             count, why, error, seconds = run(name, args.size)
@@ -72,11 +72,13 @@ def main() -> None:
             print(failed[-1], flush=True)
             continue
         total, left = total + count, left + len(why)
+        errors.append(error)
         reasons.update(re.sub(r"\b\w+_\d+\b", "<node>", r)[:160] for r in why)
         rows.append(f"| {name} | {count} | {len(why)} | {error:.1e} | {seconds:.2f} |")
         print(rows[-1], flush=True)
     summary = f"{total - left} of {total} BatchNorms folded ({100 * (total - left) / max(total, 1):.1f}%), " \
-              f"with no example inputs, {len(args.models) - len(failed)} models."
+              f"with no example inputs, {len(args.models) - len(failed)} models; largest relative error " \
+              f"{max(errors, default=0.0):.1e}."
     body = "\n".join([summary, "", *rows, "", "Reasons left (counted):", "",
                       *(f"- {n} x {r}" for r, n in reasons.most_common()), "",
                       "Models that failed:" if failed else "", *failed])

@@ -132,7 +132,7 @@ class BackwardFold:
     guard: Guard | None = None  # on the BatchNorm's input
 
 
-def _rank_guard(bn: BatchNormView, rank: int) -> Guard | str | None:
+def rank_guard(bn: BatchNormView, rank: int) -> Guard | str | None:
     """Whether ``bn`` normalizes the axis a layer sees as channels (dim 1 at rank ``rank``): a reason
     if not, a rank guard if only the call-time rank can tell (BatchNorm1d takes rank 2 and 3,
     functional BatchNorms any rank), None if the BatchNorm itself accepts only that rank."""
@@ -161,7 +161,7 @@ def _producer_fold(gm: GraphModule, bn: BatchNormView, node: Node, consumer: Nod
     count = bn.num_features if channels is None else channels.stop - channels.start
     if producer.out_channels != count:
         return f"{node.name}: its output channels are not the BatchNorm's"
-    guard = _rank_guard(bn, producer.batched_rank)
+    guard = rank_guard(bn, producer.batched_rank)
     if isinstance(guard, str):
         return f"{node.name}: {guard}"
     return ForwardFold(bn, producer, guard, channels)
@@ -414,7 +414,7 @@ def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node, graph_params: b
         return f"{user.name} has forward hooks"
     if view.in_channels != bn.num_features:
         return f"{user.name}: its input channels are not the BatchNorm's"
-    guard = _rank_guard(bn, view.batched_rank)
+    guard = rank_guard(bn, view.batched_rank)
     if isinstance(guard, str):
         return f"{user.name}: {guard}"
     return Sink(view, torch.arange(bn.num_features), (), pad, guard)
@@ -446,7 +446,7 @@ def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_param
         if [(k.view.node, k.channel_map.tolist()) for k in sinks] != \
                 [(k.view.node, k.channel_map.tolist()) for k in probed]:
             raise _Stop("the features reach the layers differently at another input size")
-    guard = _rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))
+    guard = rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))
     if isinstance(guard, str):
         raise _Stop(guard)
     if any(sink.path for sink in sinks):

@@ -23,12 +23,12 @@ from torch import nn
 from . import passes as passes_module
 from .canonicalize import canonicalize, trace
 from .equivalence import check_equivalence
-from .report import (BACKWARD_BIAS_MAP, BACKWARD_VECTOR, FORWARD, PER_SAMPLE_STATISTICS, THRESHOLD, THROUGH_LAYOUT,
-                     get_report)
+from .report import (BACKWARD_BIAS_MAP, BACKWARD_VECTOR, FORWARD, IDENTITY_BRANCH, PER_SAMPLE_STATISTICS,
+                     PRECOMPUTED, THRESHOLD, THROUGH_LAYOUT, get_report)
 from .zoo import build, count_batchnorms, example_inputs
 
 RULE_COLUMNS = {FORWARD: "fwd", BACKWARD_VECTOR: "bwd vec", BACKWARD_BIAS_MAP: "bwd map",
-                THROUGH_LAYOUT: "layout", THRESHOLD: "thresh"}
+                THROUGH_LAYOUT: "layout", THRESHOLD: "thresh", IDENTITY_BRANCH: "branch", PRECOMPUTED: "precomp"}
 
 
 class UsageError(Exception):

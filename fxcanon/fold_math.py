@@ -113,6 +113,19 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
     return replace(layer, weight=weight, bias_kernel=bias_kernel, pad_kernel=pad_kernel)
 
 
+def add_identity(layer: LayerTensors, s: Tensor, t: Tensor) -> LayerTensors:
+    """``layer(x) + s * x + t`` as one layer, for ``in == out`` channels, stride 1 and an odd kernel
+    whose centre tap reads the output's own position: ``W'[c, c mod (in/groups), centre] = W[...] + s[c]``
+    (output channel ``c`` sees its own input channel at index ``c mod (in/groups)`` of its group),
+    ``b' = b + t``. Linear layers (no kernel dims): ``W'[c, c] = W[c, c] + s[c]``.
+    """
+    weight = layer.weight.double().clone()
+    channels = torch.arange(weight.shape[0], device=weight.device)
+    centre = tuple(k // 2 for k in weight.shape[2:])
+    weight[(channels, channels % weight.shape[1], *centre)] += s.to(weight.device)
+    return replace(layer, weight=weight, bias=layer.bias + t.to(weight.device))
+
+
 def channel_affine(channel_map: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Per-input-channel ``(s_in, t_in)`` for a channel map (BatchNorm channel index, or -1 for
     features that do not come from the BatchNorm and keep the identity ``(1, 0)``)."""

@@ -16,6 +16,8 @@ BACKWARD_VECTOR = "backward, vector bias"  # BN -> Linear/Conv without zero padd
 BACKWARD_BIAS_MAP = "backward, bias map"  # BN -> zero-padded Conv / ConvTranspose (A.10-A.20)
 THROUGH_LAYOUT = "through layout"  # BN -> layout ops / concat -> Linear/Conv (A.21-A.26)
 THRESHOLD = "threshold"  # BN -> ReLU -> (layout ops) -> Linear/Conv (section 5)
+IDENTITY_BRANCH = "identity branch"  # layer(x) + BN(x) -> layer'(x) (RepVGG-style blocks)
+PRECOMPUTED = "precomputed"  # BN of parameters only (weight standardization): a constant
 
 # Refusal codes: why (part of) a norm stays. Passes and the command line match these, never messages.
 HOOKS = "hooks"  # the norm module has forward hooks
@@ -27,6 +29,8 @@ NOT_AFTER_LAYER = "not after a layer"
 NOT_BEFORE_LAYER = "not before a layer"
 KEPT_FOR_USERS = "kept for users"  # folded into some users, kept for the others
 NOT_THROUGH_RELU = "not through its ReLU"
+NO_SIBLING_LAYER = "no sibling layer"  # an identity branch without a layer to take it
+NOT_CONSTANT = "not constant"  # computed from parameters alone, but not safely precomputed
 UNREAD = "unread"  # no pass can read the call
 INSIDE = "inside"  # run inside a leaf module or a nested GraphModule
 

@@ -35,8 +35,8 @@ def assert_same(model, gm, *inputs, tol=1e-12):
 
 def test_default_order_is_folds_then_explicit_modules():
     assert [p.__name__ for p in DEFAULT_PASSES] == [
-        "FoldBatchNormForward", "FoldBatchNormBackward", "FoldBatchNormThroughReLU", "ExplicitSums",
-        "ExplicitGates", "ExplicitPooling"]
+        "PrecomputeParameterBatchNorms", "FoldBatchNormForward", "FoldBatchNormBackward", "FoldBatchNormThroughReLU",
+        "FoldIdentityBranch", "ExplicitSums", "ExplicitGates", "ExplicitPooling"]
 
 
 def test_forward_pass_alone_folds_conv_bn():

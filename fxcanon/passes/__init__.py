@@ -12,19 +12,23 @@ from .explicit_pooling import ExplicitPooling
 from .explicit_sums import ExplicitSums
 from .fold_backward import FoldBatchNormBackward
 from .fold_forward import FoldBatchNormForward
+from .fold_identity_branch import FoldIdentityBranch
 from .fold_norm_affine import FoldNormAffine
 from .fold_threshold import FoldBatchNormThroughReLU, is_pre_activation
+from .precompute_parameters import PrecomputeParameterBatchNorms
 
-# Forward folds first: they never need a bias map; the threshold activation only where neither applies.
+# Constants first (weight standardization: the layers it feeds become plain layers); forward folds
+# before the others: they never need a bias map; the threshold activation only where neither applies;
+# identity branches after the folds (their sibling conv -> BN is one layer then), before sums become modules.
 DEFAULT_PASSES: tuple[type[CanonizationPass], ...] = (
-    FoldBatchNormForward, FoldBatchNormBackward, FoldBatchNormThroughReLU, ExplicitSums, ExplicitGates,
-    ExplicitPooling,
+    PrecomputeParameterBatchNorms, FoldBatchNormForward, FoldBatchNormBackward, FoldBatchNormThroughReLU,
+    FoldIdentityBranch, ExplicitSums, ExplicitGates, ExplicitPooling,
 )
 # The folds alone, without the explicit modules for LRP (sums, gates, pooling): for inference.
-FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:3]
+FOLD_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[:5]
 # The explicit modules alone, BatchNorms kept: the paper's "not canonized" baseline for LRP.
 # Not in any of these: FoldNormAffine (LayerNorm/GroupNorm affine tails), opt-in.
-STRUCTURAL_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[3:]
+STRUCTURAL_PASSES: tuple[type[CanonizationPass], ...] = DEFAULT_PASSES[5:]
 
 PREFER = ("forward", "threshold")
 PRESETS = ("paper",)
@@ -61,5 +65,5 @@ def ordered(passes: Sequence[PassLike], prefer: str = "forward", preset: str | N
 __all__ = [
     "DEFAULT_PASSES", "FOLD_PASSES", "PREFER", "PRESETS", "STRUCTURAL_PASSES", "CanonizationPass", "ExplicitGates",
     "ExplicitPooling", "ExplicitSums", "FoldBatchNormBackward", "FoldBatchNormForward", "FoldBatchNormThroughReLU",
-    "FoldNormAffine", "is_pre_activation", "ordered",
+    "FoldIdentityBranch", "FoldNormAffine", "PrecomputeParameterBatchNorms", "is_pre_activation", "ordered",
 ]
