@@ -10,15 +10,23 @@ tensor of *feature ids* (BatchNorm channel ``c`` is ``c + 1``, anything else is 
 like the real values recorded by shape propagation: the ids arriving at a Linear must be the same
 in every row, at a convolution the same at every position of a channel. Then the layer's input
 column (or channel) ``k`` sees BatchNorm channel ``ids[k] - 1`` or the identity (A.23-A.26).
-Shapes are recorded at the example inputs and, where the model accepts them, at inputs one larger
-along batch and spatial axes (``fxcanon.canonicalize.probe_sizes``): both must give the same map,
-which rejects reshapes that keep channels apart only at the traced size. Without recorded shapes
-only direct uses (BatchNorm -> layer, BatchNorm -> constant pad -> conv) are analysed.
+
+The recorded sizes are one point; ``fxcanon.shapes.SymbolicCone`` says which sizes *vary* with
+the input. The map is proven for every size when (by induction over the ops) the ids are constant
+along every varying dim: ops that move elements within dims keep that (a pooling window or a
+slice of a constant row is constant); a reshape may merge or split a varying dim only with dims
+along which the ids are constant too (else the column a channel reaches depends on the size);
+ops whose arguments vary are followed only where they act on varying dims (repeat, expand,
+reshapes); a Linear's feature axis and a convolution's channel axis must not vary. The
+BatchNorm's sizes that do not vary are held by a call-time guard (all of them when the symbolic
+run fails). Without recorded shapes, shapes are recorded at inputs made from the graph
+(``fxcanon.shapes.record_hint_shapes``) once a BatchNorm needs them.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +36,22 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .views import (PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view,
-                    _DROPOUT_MODULES, get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
-
-VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
-PROBE_KEY = "fxcanon_probe"  # per run at another input size: (shape or None, value)
+from .errors import CanonizationError
+from .shapes import HINTED_KEY, VALUE_KEY, SymbolicCone, record_hint_shapes
+from .views import (
+    _DROPOUT_MODULES,
+    PAD_FUNCTIONS,
+    BatchNormView,
+    ConstantPadView,
+    LinearView,
+    bind_args,
+    constant_pad_view,
+    get_attr_value,
+    has_hooks,
+    linear_view,
+    reads_only_metadata,
+    tensor_rank,
+)
 
 _CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
 # Ops that move or copy elements without mixing them (every output is one input element): they
@@ -60,6 +79,12 @@ _RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2
 # nearest resampling copies elements; linear, bilinear, bicubic, trilinear and area modes are
 # weighted sums whose weights add up to 1 at every output (an average, checked like pooling)
 _NEAREST_MODES = {"nearest", "nearest-exact"}
+# reshapes: checked on the symbolic sizes of their input and output, whatever their arguments
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+# moves whose varying arguments act on varying dims only (a varying count or size of its own)
+_SIZED_METHODS = {"repeat", "expand"}
 # ops whose other tensor arguments are data of their own (identity features)
 _JOINS = {torch.cat, torch.concat, torch.stack, "expand_as"}
 
@@ -242,8 +267,8 @@ class _ConePropagation:
     """Runs the uses of one BatchNorm on feature ids (see module docstring)."""
 
     def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool,
-                 probe: int | None = None) -> None:
-        self.gm, self.bn, self.s, self.graph_params, self.probe = gm, bn, s, graph_params, probe
+                 cone: SymbolicCone | None) -> None:
+        self.gm, self.bn, self.s, self.graph_params, self.cone = gm, bn, s, graph_params, cone
         self.ids: dict[Node, Any] = {}
         self.paths: dict[Node, tuple[str, ...]] = {}
         self.sinks: list[Sink] = []
@@ -251,14 +276,14 @@ class _ConePropagation:
 
     def _meta_shape(self, node: Node) -> tuple[int, ...]:
         meta = node.meta.get("tensor_meta")
-        if self.probe is not None:
-            shape = _probe_record(node, self.probe)[0]
-            meta = None if shape is None else torch.empty(shape, device="meta")
         if not hasattr(meta, "shape"):
             raise _Stop(f"{node.name}: no recorded shape (pass example_inputs)")
         if not all(isinstance(d, int) for d in meta.shape):
             raise _Stop(f"{node.name}: symbolic shape, features not followed")
         return tuple(meta.shape)
+
+    def _varying(self, node: Node) -> tuple[Any, ...]:
+        return self.cone.varying(node) if self.cone is not None else ()
 
     def run(self) -> list[Sink]:
         shape = self._meta_shape(self.bn.node)
@@ -274,6 +299,14 @@ class _ConePropagation:
                 self._visit(node)
         return self.sinks
 
+    def _sink(self, view: LinearView, node: Node, path: tuple[str, ...], pad: ConstantPadView | None = None) -> None:
+        """``view`` reads ``node`` (through ``pad``): its feature or channel axis must not vary."""
+        varying = self._varying(node)
+        axis = -1 if view.spatial_dims == 0 else 1
+        if varying and varying[axis]:
+            raise _Stop(f"{view.node.name}: its {'feature' if axis < 0 else 'channel'} axis varies with the input size")
+        self.sinks.append(Sink(view, _channel_map(view, self.ids[node]), path, pad))
+
     def _visit(self, node: Node) -> None:
         cone_args = [arg for arg in node.all_input_nodes if arg in self.ids]
         path = self.paths[cone_args[0]]
@@ -283,14 +316,14 @@ class _ConePropagation:
             raise _Stop(f"{node.name} has forward hooks")
         view = linear_view(self.gm, node, self.graph_params)
         if view is not None and cone_args == [view.input]:
-            self.sinks.append(Sink(view, _channel_map(view, self.ids[view.input]), path))
+            self._sink(view, view.input, path)
             return
         pad = constant_pad_view(self.gm, node)
         if pad is not None and cone_args == [pad.input]:
             conv = _pad_sink(self.gm, pad, self.graph_params)
             if conv is None:
                 raise _Stop(f"{node.name}: constant padding that does not feed a convolution directly")
-            self.sinks.append(Sink(conv, _channel_map(conv, self.ids[pad.input]), path, pad))
+            self._sink(conv, pad.input, path, pad)
             self.handled.add(conv.node)
             return
         self.ids[node] = self._propagate(node)
@@ -299,9 +332,7 @@ class _ConePropagation:
     def _lookup(self, node: Node, joins: bool) -> Any:
         if node in self.ids:
             return self.ids[node]
-        if self.probe is not None and PROBE_KEY in node.meta and _probe_record(node, self.probe)[0] is None:
-            return _probe_record(node, self.probe)[1]
-        if self.probe is None and VALUE_KEY in node.meta:
+        if VALUE_KEY in node.meta:
             return node.meta[VALUE_KEY]
         if node.op == "get_attr":  # a constant index (index_select)
             value = get_attr_value(self.gm, node.target)
@@ -319,13 +350,15 @@ class _ConePropagation:
             raise _Stop(f"{node.name} ({node.op} {_target_name(node.target)}) mixes features non-linearly")
         if kind == "cast":
             return self.ids[node.args[0]]
+        if self.cone is not None:
+            self._check_sizes(node)
         joins = node.target in _JOINS
         args = map_arg(node.args, lambda n: self._lookup(n, joins))
         kwargs = map_arg(node.kwargs, lambda n: self._lookup(n, joins))
         run = self._runner(node)
         try:
             out = run(*args, **kwargs)
-        except Exception as error:  # the op does not accept the ids (e.g. symbolic sizes): do not follow
+        except Exception as error:  # the op does not accept the ids: do not follow
             raise _Stop(f"{node.name}: could not follow the features ({type(error).__name__})") from error
         if kind == "average":  # weights add up to 1 (up to rounding): equal ids in, the same id out
             if not torch.allclose(run(*_squared(args), **kwargs), out * out, rtol=1e-12, atol=0.0):
@@ -339,7 +372,35 @@ class _ConePropagation:
                 raise _Stop(f"{node.name}: max pooling needs the BatchNorm's scale, unknown here")
             if bool((self.s[channels[channels >= 0].unique()] < 0).any()):
                 raise _Stop(f"{node.name}: max pooling does not commute with a negative BatchNorm scale")
+        varying = self._varying(node)
+        for tensor, dims in zip(*((out, varying) if isinstance(out, (tuple, list)) else ((out,), (varying,)))):
+            if isinstance(tensor, Tensor) and not all(_constant_along(tensor, d) for d, v in enumerate(dims) if v):
+                raise _Stop(f"{node.name}: features differ along a size that varies with the input")
         return out
+
+    def _check_sizes(self, node: Node) -> None:
+        """Refuse ``node`` where its feature map could depend on sizes that vary (module docstring)."""
+        if _is_reshape(self.gm, node):
+            self._check_reshape(node)
+            return
+        if node.target in ("roll", torch.roll) and bind_args(node, ("input", "shifts", "dims")).get("dims") is None:
+            raise _Stop(f"{node.name}: rolls the flattened tensor")
+        sized = node.op == "call_method" and node.target in _SIZED_METHODS
+        if not sized and any(arg not in self.ids and self.cone.value_varies(arg) for arg in node.all_input_nodes):
+            raise _Stop(f"{node.name}: an argument varies with the input size")
+
+    def _check_reshape(self, node: Node) -> None:
+        source = node.args[0] if node.args else None
+        if source not in self.ids:
+            raise _Stop(f"{node.name}: reshapes another tensor like the BatchNorm's output")
+        cone, ids = self.cone, self.ids[source]
+        ins, outs = cone.sizes(source), cone.sizes(node)
+        for group_in, group_out in _reshape_groups(node.name, cone, ins, outs):
+            if len(group_in) == 1 and len(group_out) == 1:
+                continue
+            if any(cone.expr_varies(ins[d]) for d in group_in) and \
+                    not all(_constant_along(ids, d) for d in group_in):
+                raise _Stop(f"{node.name}: merges or splits features with a size that varies with the input")
 
     def _runner(self, node: Node) -> Any:
         if node.op == "call_module":
@@ -398,6 +459,41 @@ def _negated(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (-args[0], *args[1:])
 
 
+def _constant_along(ids: Tensor, dim: int) -> bool:
+    return ids.shape[dim] == 0 or bool((ids == ids.narrow(dim, 0, 1)).all())
+
+
+def _is_reshape(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _RESHAPE_MODULES)
+    return node.target in (_RESHAPE_METHODS if node.op == "call_method" else _RESHAPE_FUNCTIONS)
+
+
+def _reshape_groups(name: str, cone: SymbolicCone, ins: tuple[Any, ...],
+                    outs: tuple[Any, ...]) -> list[tuple[list[int], list[int]]]:
+    """Consecutive dims of a reshape's input and output with equal products (dims of size 1 left
+    out): within a group the row-major order maps elements, across groups dims stay apart."""
+    a = [d for d, size in enumerate(ins) if size != 1]
+    b = [d for d, size in enumerate(outs) if size != 1]
+    groups, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        group_in, group_out, left, right = [a[i]], [b[j]], ins[a[i]], outs[b[j]]
+        i, j = i + 1, j + 1
+        while not cone.equal(left, right):
+            if cone.hint(left) < cone.hint(right) and i < len(a):
+                group_in.append(a[i])
+                left, i = left * ins[a[i]], i + 1
+            elif cone.hint(right) < cone.hint(left) and j < len(b):
+                group_out.append(b[j])
+                right, j = right * outs[b[j]], j + 1
+            else:
+                raise _Stop(f"{name}: its sizes cannot be matched for every input size")
+        groups.append((group_in, group_out))
+    if i < len(a) or j < len(b):
+        raise _Stop(f"{name}: its sizes cannot be matched for every input size")
+    return groups
+
+
 def _target_name(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
 
@@ -420,50 +516,54 @@ def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node, graph_params: b
     return Sink(view, torch.arange(bn.num_features), (), pad, guard)
 
 
-def _probe_record(node: Node, probe: int) -> tuple[Any, Any]:
-    records = node.meta.get(PROBE_KEY, ())
-    return records[probe] if probe < len(records) else (None, None)
-
-
-def _size_guard(bn: BatchNormView, rank_guard: Guard | None) -> Guard:
-    """Sizes of the normalized tensor that no run at another input size varied (all of them when
-    none ran) are held at their recorded values: features were followed at those sizes only."""
+def _size_guard(bn: BatchNormView, rank_guard: Guard | None, cone: SymbolicCone | None) -> Guard | None:
+    """The sizes of the normalized tensor that do not vary (all of them without a symbolic run)
+    are held at their recorded values: features were followed at those sizes only."""
     shape = tuple(bn.node.meta["tensor_meta"].shape)
-    probed = [record[0] for record in bn.node.meta.get(PROBE_KEY, ())]
-    fixed = tuple((d, n) for d, n in enumerate(shape)
-                  if d != 1 and all(p is not None and p[d] == n for p in probed))
+    varying = cone.varying(bn.node) if cone is not None else ()
+    fixed = tuple((d, n) for d, n in enumerate(shape) if d != 1 and not (d < len(varying) and varying[d]))
+    if not fixed:
+        return rank_guard
     why = "features were followed through layout ops at these sizes only"
     if rank_guard is not None:
         why = f"{rank_guard.why}; {why}"
     return Guard(len(shape), fixed, why)
 
 
+def _symbolic_cone(gm: GraphModule, bn: BatchNormView, nodes: Iterable[Node]) -> SymbolicCone | None:
+    """The symbolic sizes of ``nodes`` fed by ``bn``; None where the run fails on shapes from
+    example inputs (every size is then held)."""
+    try:
+        return SymbolicCone(gm, bn.node, nodes)
+    except CanonizationError as error:
+        if gm.meta.get(HINTED_KEY):  # the recorded sizes are ours: holding them would refuse real inputs
+            raise _Stop(f"{error} (pass example_inputs)") from error
+        return None
+
+
 def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> BackwardFold:
-    """Every use of ``bn`` followed to linear layers (raises _Stop where that fails)."""
-    sinks = _ConePropagation(gm, bn, s, graph_params).run()
-    for probe in range(len(bn.node.meta.get(PROBE_KEY, ()))):  # the same feature map at every size that ran
-        probed = _ConePropagation(gm, bn, s, graph_params, probe=probe).run()
-        if [(k.view.node, k.channel_map.tolist()) for k in sinks] != \
-                [(k.view.node, k.channel_map.tolist()) for k in probed]:
-            raise _Stop("the features reach the layers differently at another input size")
+    """Every use of ``bn`` followed to linear layers (raises _Stop where that fails).
+
+    Followed at the recorded sizes first (shapes recorded at inputs made from the graph if there
+    are none); then again with the symbolic sizes of the nodes on the way, except in
+    ``torch.compile`` graphs (Dynamo guards sizes itself)."""
+    if not graph_params and "tensor_meta" not in bn.node.meta and not record_hint_shapes(gm):
+        raise _Stop(f"{bn.node.name}: no recorded shape (pass example_inputs)")
+    at_recorded = _ConePropagation(gm, bn, s, graph_params, None)
+    sinks = at_recorded.run()
+    cone = None if graph_params else _symbolic_cone(gm, bn, at_recorded.ids)
+    if cone is not None:
+        sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
     guard = _rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))
     if isinstance(guard, str):
         raise _Stop(guard)
     if any(sink.path for sink in sinks):
-        guard = _size_guard(bn, guard)
+        guard = _size_guard(bn, guard, cone)
     return BackwardFold(bn, sinks, list(bn.node.users), guard=guard)
 
 
-def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
-                  graph_params: bool = False) -> BackwardFold | str:
-    """Where ``bn`` can be folded into the layers that consume it, or the reason it cannot.
-
-    ``s`` (the BatchNorm's scale, None when unknown) decides whether max pooling commutes.
-    """
-    try:
-        return _cone_fold(gm, bn, s, graph_params)
-    except _Stop as stop:
-        whole = str(stop)
+def _direct_plan(gm: GraphModule, bn: BatchNormView, graph_params: bool) -> tuple[BackwardFold, list[str]]:
+    """The direct uses of ``bn`` folded (needing no recorded shapes), and why others are not."""
     plan = BackwardFold(bn)
     reasons = []
     for user in bn.node.users:
@@ -478,7 +578,24 @@ def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
             plan.rewired.append(user)
         else:
             reasons.append(sink)
+    return plan, reasons
+
+
+def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
+                  graph_params: bool = False) -> BackwardFold | str:
+    """Where ``bn`` can be folded into the layers that consume it, or the reason it cannot.
+
+    ``s`` (the BatchNorm's scale, None when unknown) decides whether max pooling commutes.
+    Direct uses are tried first; shapes are needed only for paths through other ops.
+    """
+    plan, reasons = _direct_plan(gm, bn, graph_params)
+    if plan.sinks and not reasons:
+        return plan
+    try:
+        return _cone_fold(gm, bn, s, graph_params)
+    except _Stop as stop:
+        whole = str(stop)
     if not plan.sinks:
         return whole
-    plan.left_reason = f"kept for {'; '.join(reasons)}" if reasons else None
+    plan.left_reason = f"kept for {'; '.join(reasons)}"
     return plan
