@@ -90,7 +90,8 @@ def _placeholder_spec(gm: GraphModule, placeholder: Node) -> tuple[int, int, tor
                 return rank, view.in_channels, view.weight.dtype
             bn = batchnorm_view(gm, user)
             if bn is not None and bn.input is node and bn.accepted_ranks:
-                return bn.accepted_ranks[0], bn.num_features, torch.get_default_dtype()
+                dtype = next(t.dtype for t in (bn.running_mean, bn.weight) if t is not None)
+                return bn.accepted_ranks[0], bn.num_features, dtype
             if len(user.all_input_nodes) == 1:
                 frontier.append(user)
     return None
@@ -142,7 +143,9 @@ class SymbolicCone:
             if not hasattr(meta, "shape"):
                 raise CanonizationError(f"{node.name}: no recorded shape")
             sizes = [DimDynamic.STATIC if d in fixed else DimDynamic.DYNAMIC for d in range(len(meta.shape))]
-            return mode.from_tensor(torch.empty(meta.shape, dtype=meta.dtype),
+            # a free size recorded as 1 gets the hint 2: fake tensors would take a size 1 as a constant
+            shape = [2 if n == 1 and d not in fixed else n for d, n in enumerate(meta.shape)]
+            return mode.from_tensor(torch.empty(shape, dtype=meta.dtype),
                                     symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
         def seeded(node: Node) -> bool:  # a value of its own: read from the model, or free sizes

@@ -1,0 +1,94 @@
+"""Folds through layout ops proven for every input size: no example inputs, sizes never seen.
+
+Without example inputs, shapes are recorded at inputs made from the graph and the sizes that
+vary are followed symbolically (``fxcanon.shapes``); the folds need no size guard and must hold,
+against the float64 original, at batches and resolutions never traced.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.fx import symbolic_trace
+
+from fxcanon import canonicalize, get_report
+from fxcanon.equivalence import check_equivalence, randomize_batchnorms, relative_error
+from fxcanon.zoo import MIN_SIZE, ZOO, build, count_batchnorms
+
+D = torch.float64
+FAST = {"densenet121", "resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "vgg16_bn"}
+
+
+def _without_inputs(model, _inputs):
+    return canonicalize(symbolic_trace(model))
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(ZOO)])
+def test_zoo_without_example_inputs_folds_everything_at_every_size(name):
+    model = build(name)
+    gm = canonicalize(symbolic_trace(model))
+    assert count_batchnorms(gm) == 0, get_report(gm).left
+    assert not any(entry.guards for entry in get_report(gm).entries.values())
+    side = max(32, MIN_SIZE.get(name, 0))
+    checks = [(torch.randn(1, 3, side, side),), (torch.randn(3, 3, side + 8, side + 24),)]
+    result = check_equivalence(model, checks[0], checks, canonize=_without_inputs)
+    assert result.float64 <= 1e-9 and result.holds(float64_tolerance=1e-9), result
+
+
+class Reshaped(nn.Module):
+    """BatchNorm -> optional adaptive pooling -> a reshape -> Linear (features ``in_features``)."""
+
+    def __init__(self, reshape, pool=None, in_features=4):
+        super().__init__()
+        self.bn, self.pool, self.reshape = nn.BatchNorm2d(4), pool, reshape
+        self.fc = nn.Linear(in_features, 3)
+
+    def forward(self, x):
+        y = self.bn(x)
+        if self.pool is not None:
+            y = self.pool(y)
+        return self.fc(self.reshape(y))
+
+
+def _prepared(model):
+    return randomize_batchnorms(model).eval().double()
+
+
+def _assert_same(model, gm, shapes):
+    for shape in shapes:
+        x = torch.randn(shape, dtype=D)
+        with torch.no_grad():
+            assert relative_error(gm(x), model(x)) < 1e-12
+
+
+FOLDING = {  # the channel reaches the same column at every size
+    "vgg_flatten_after_pool": (lambda y: y.view(y.size(0), y.size(1) * y.size(2) * y.size(3)),
+                               nn.AdaptiveAvgPool2d((2, 3)), 24),
+    "pool_then_flatten": (lambda y: torch.flatten(y, 1), nn.AdaptiveAvgPool2d(1), 4),
+    "channels_last_rows": (lambda y: y.permute(0, 2, 3, 1).reshape(-1, y.size(1)), None, 4),
+    "mean": (lambda y: y.mean((2, 3)), None, 4),
+}
+REFUSED = {  # the column a channel reaches depends on the size
+    "flatten_channels_with_space": (lambda y: y.view(y.size(0), -1), nn.AdaptiveAvgPool2d((2, None)), 8),
+    "view_minus_one_channels": (lambda y: y.reshape(-1, 4), None, 4),
+    "scrambled_view": (lambda y: y.view(y.size(0), y.size(2), y.size(1), y.size(3)).permute(0, 1, 3, 2).flatten(0, 2),
+                       None, 4),
+    "size_dependent_narrow": (lambda y: y.narrow(1, y.size(2) % 2, 2).flatten(2).mean(2), None, 2),
+}
+
+
+@pytest.mark.parametrize("name", FOLDING)
+def test_reshapes_that_keep_channels_apart_fold_without_guard(name):
+    model = _prepared(Reshaped(*FOLDING[name]))
+    gm = canonicalize(symbolic_trace(model))
+    assert not get_report(gm).left and not get_report(gm).entries["bn"].guards, get_report(gm)
+    _assert_same(model, gm, [(1, 4, 5, 7), (3, 4, 9, 4), (2, 4, 2, 2)])
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+@pytest.mark.parametrize("name", REFUSED)
+def test_reshapes_whose_columns_depend_on_the_size_are_refused(name, with_inputs):
+    model = _prepared(Reshaped(*REFUSED[name]))
+    example = (torch.randn(2, 4, 4, 1, dtype=D),) if with_inputs else None
+    gm = canonicalize(model if with_inputs else symbolic_trace(model), example)
+    assert get_report(gm).entries["bn"].left_reason, get_report(gm)
+    _assert_same(model, gm, [(2, 4, 4, 1), (3, 4, 5, 1)])
