@@ -299,6 +299,25 @@ class _ConePropagation:
                 self._visit(node)
         return self.sinks
 
+    def reach(self) -> None:
+        """Raise _Stop unless every use of the BatchNorm reaches linear layers through ops that
+        could carry it: the part of the analysis that needs no shapes."""
+        reached, pending = {self.bn.node}, [self.bn.node]
+        while pending:
+            for node in pending.pop().users:
+                if node in reached or all(reads_only_metadata(node, arg) for arg in node.all_input_nodes
+                                          if arg in reached):
+                    continue
+                view = linear_view(self.gm, node, self.graph_params)
+                if view is not None and view.input in reached or constant_pad_view(self.gm, node) is not None:
+                    continue
+                if node.op == "output":
+                    raise _Stop("the BatchNorm's output reaches the model output")
+                if not (node.op == "call_method" and node.target in _CAST_METHODS) and self._kind(node) is None:
+                    raise _Stop(f"{node.name} ({node.op} {_target_name(node.target)}) mixes features non-linearly")
+                reached.add(node)
+                pending.append(node)
+
     def _sink(self, view: LinearView, node: Node, path: tuple[str, ...], pad: ConstantPadView | None = None) -> None:
         """``view`` reads ``node`` (through ``pad``): its feature or channel axis must not vary."""
         varying = self._varying(node)
@@ -385,6 +404,12 @@ class _ConePropagation:
             return
         if node.target in ("roll", torch.roll) and bind_args(node, ("input", "shifts", "dims")).get("dims") is None:
             raise _Stop(f"{node.name}: rolls the flattened tensor")
+        if node.target in ("squeeze", torch.squeeze) and isinstance(node.args[0], Node):
+            varying = self._varying(node.args[0])
+            dims = bind_args(node, ("input", "dim")).get("dim")
+            dims = range(len(varying)) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
+            if any(varying[d] for d in dims if isinstance(d, int)):  # its rank would depend on the size
+                raise _Stop(f"{node.name}: squeezes a size that varies with the input")
         sized = node.op == "call_method" and node.target in _SIZED_METHODS
         if not sized and any(arg not in self.ids and self.cone.value_varies(arg) for arg in node.all_input_nodes):
             raise _Stop(f"{node.name}: an argument varies with the input size")
@@ -531,27 +556,34 @@ def _size_guard(bn: BatchNormView, rank_guard: Guard | None, cone: SymbolicCone 
 
 
 def _symbolic_cone(gm: GraphModule, bn: BatchNormView, nodes: Iterable[Node]) -> SymbolicCone | None:
-    """The symbolic sizes of ``nodes`` fed by ``bn``; None where the run fails on shapes from
-    example inputs (every size is then held)."""
-    try:
-        return SymbolicCone(gm, bn.node, nodes)
-    except CanonizationError as error:
-        if gm.meta.get(HINTED_KEY):  # the recorded sizes are ours: holding them would refuse real inputs
-            raise _Stop(f"{error} (pass example_inputs)") from error
-        return None
+    """The symbolic sizes of ``nodes`` fed by ``bn`` (sizes recorded as 1 free if the model accepts
+    that, else constants); None where the run fails on shapes from example inputs (every size is
+    then held)."""
+    nodes = list(nodes)
+    for free_ones in (True, False):
+        try:
+            return SymbolicCone(gm, bn.node, nodes, free_ones)
+        except CanonizationError as error:
+            failure = error
+    if gm.meta.get(HINTED_KEY):  # the recorded sizes are ours: holding them would refuse real inputs
+        raise _Stop(f"{failure} (pass example_inputs)") from failure
+    return None
 
 
 def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> BackwardFold:
     """Every use of ``bn`` followed to linear layers (raises _Stop where that fails).
 
     Followed at the recorded sizes first (shapes recorded at inputs made from the graph if there
-    are none); then again with the symbolic sizes of the nodes on the way, except in
-    ``torch.compile`` graphs (Dynamo guards sizes itself)."""
-    if not graph_params and "tensor_meta" not in bn.node.meta and not record_hint_shapes(gm):
-        raise _Stop(f"{bn.node.name}: no recorded shape (pass example_inputs)")
+    are none and the ops on the way could carry the map); then again with the symbolic sizes of
+    the nodes on the way and of the layers reached (their weights fix their input sizes), except
+    in ``torch.compile`` graphs (Dynamo guards sizes itself)."""
+    if not graph_params and "tensor_meta" not in bn.node.meta:
+        _ConePropagation(gm, bn, s, graph_params, None).reach()  # before running the model for shapes
+        if not record_hint_shapes(gm):
+            raise _Stop(f"{bn.node.name}: no recorded shape (pass example_inputs)")
     at_recorded = _ConePropagation(gm, bn, s, graph_params, None)
     sinks = at_recorded.run()
-    cone = None if graph_params else _symbolic_cone(gm, bn, at_recorded.ids)
+    cone = None if graph_params else _symbolic_cone(gm, bn, [*at_recorded.ids, *(k.view.node for k in sinks)])
     if cone is not None:
         sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
     guard = _rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))

@@ -130,7 +130,7 @@ class SymbolicCone:
     Raises CanonizationError if the run fails (an op without symbolic shape support, an input
     without recorded shape)."""
 
-    def __init__(self, gm: GraphModule, start: Node, nodes: Iterable[Node]) -> None:
+    def __init__(self, gm: GraphModule, start: Node, nodes: Iterable[Node], free_ones: bool = True) -> None:
         self.env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
         mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
         downstream = {start}
@@ -143,8 +143,9 @@ class SymbolicCone:
             if not hasattr(meta, "shape"):
                 raise CanonizationError(f"{node.name}: no recorded shape")
             sizes = [DimDynamic.STATIC if d in fixed else DimDynamic.DYNAMIC for d in range(len(meta.shape))]
-            # a free size recorded as 1 gets the hint 2: fake tensors would take a size 1 as a constant
-            shape = [2 if n == 1 and d not in fixed else n for d, n in enumerate(meta.shape)]
+            # ``free_ones``: a free size recorded as 1 gets the hint 2 (fake tensors take a size 1 as a
+            # constant); without, it stays the constant 1
+            shape = [2 if free_ones and n == 1 and d not in fixed else n for d, n in enumerate(meta.shape)]
             return mode.from_tensor(torch.empty(shape, dtype=meta.dtype),
                                     symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
@@ -186,7 +187,7 @@ class SymbolicCone:
         expr = self._expr(size)
         if not expr.free_symbols:
             return False
-        known = self.env._maybe_evaluate_static(sympy.Eq(expr, self.env.size_hint(expr)))
+        known = self.env._maybe_evaluate_static(sympy.Eq(expr, self.env.guarding_hint_or_throw(expr)))
         return known is not sympy.true
 
     def sizes(self, node: Node) -> tuple[Any, ...] | None:
@@ -213,4 +214,4 @@ class SymbolicCone:
             self.env._maybe_evaluate_static(sympy.Eq(a, b)) is sympy.true
 
     def hint(self, expr: Any) -> int:
-        return int(self.env.size_hint(expr))
+        return int(self.env.guarding_hint_or_throw(expr))
