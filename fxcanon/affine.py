@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,21 +38,9 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .errors import CanonizationError
-from .shapes import HINTED_KEY, VALUE_KEY, SymbolicCone, record_hint_shapes
-from .views import (
-    _DROPOUT_MODULES,
-    PAD_FUNCTIONS,
-    BatchNormView,
-    ConstantPadView,
-    LinearView,
-    bind_args,
-    constant_pad_view,
-    get_attr_value,
-    has_hooks,
-    linear_view,
-    reads_only_metadata,
-    tensor_rank,
-)
+from .shapes import HINTED_KEY, RESAMPLE_FUNCTIONS, RESAMPLE_MODULES, VALUE_KEY, SymbolicCone, record_hint_shapes
+from .views import (PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view,
+                    _DROPOUT_MODULES, get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
 
 _CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
 # Ops that move or copy elements without mixing them (every output is one input element): they
@@ -74,8 +63,6 @@ _MOVE_MODULES = (
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
     nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
 )
-_RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
-_RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 # nearest resampling copies elements; linear, bilinear, bicubic, trilinear and area modes are
 # weighted sums whose weights add up to 1 at every output (an average, checked like pooling)
 _NEAREST_MODES = {"nearest", "nearest-exact"}
@@ -404,15 +391,40 @@ class _ConePropagation:
             return
         if node.target in ("roll", torch.roll) and bind_args(node, ("input", "shifts", "dims")).get("dims") is None:
             raise _Stop(f"{node.name}: rolls the flattened tensor")
-        if node.target in ("squeeze", torch.squeeze) and isinstance(node.args[0], Node):
-            varying = self._varying(node.args[0])
-            dims = bind_args(node, ("input", "dim")).get("dim")
+        squeeze = bind_args(node, ("input", "dim")) if node.target in ("squeeze", torch.squeeze) else {}
+        if isinstance(squeeze.get("input"), Node):
+            varying, dims = self._varying(squeeze["input"]), squeeze.get("dim")
             dims = range(len(varying)) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
             if any(varying[d] for d in dims if isinstance(d, int)):  # its rank would depend on the size
                 raise _Stop(f"{node.name}: squeezes a size that varies with the input")
-        sized = node.op == "call_method" and node.target in _SIZED_METHODS
-        if not sized and any(arg not in self.ids and self.cone.value_varies(arg) for arg in node.all_input_nodes):
+        if any(arg not in self.ids and self.cone.value_varies(arg) for arg in node.all_input_nodes) and \
+                not self._varies_varying_dims_only(node):
             raise _Stop(f"{node.name}: an argument varies with the input size")
+
+    def _varies_varying_dims_only(self, node: Node) -> bool:
+        """True if the arguments of ``node`` that vary act on dims of its input that vary (the ids
+        are constant along those): repeat and expand counts, narrow and slice bounds."""
+        if node.op == "call_method" and node.target in _SIZED_METHODS:
+            return True
+        if node.target in ("narrow", torch.narrow):
+            args = bind_args(node, ("input", "dim", "start", "length"))
+            varying, dim = self._varying(args.get("input")), args.get("dim")
+            return isinstance(dim, int) and -len(varying) <= dim < len(varying) and bool(varying[dim])
+        if node.target in (operator.getitem, "__getitem__") and len(node.args) == 2 and node.args[0] in self.ids:
+            varying = self._varying(node.args[0])
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            dim = 0
+            for k, item in enumerate(index):
+                if item is Ellipsis:
+                    dim = len(varying) - sum(i is not None and i is not Ellipsis for i in index[k + 1:])
+                elif item is not None:
+                    parts = (item.start, item.stop, item.step) if isinstance(item, slice) else (item,)
+                    if any(isinstance(p, Node) and self.cone.value_varies(p) for p in parts) and \
+                            not (0 <= dim < len(varying) and varying[dim] is True):
+                        return False
+                    dim += 1
+            return True
+        return False
 
     def _check_reshape(self, node: Node) -> None:
         source = node.args[0] if node.args else None
@@ -421,10 +433,14 @@ class _ConePropagation:
         cone, ids = self.cone, self.ids[source]
         ins, outs = cone.sizes(source), cone.sizes(node)
         for group_in, group_out in _reshape_groups(node.name, cone, ins, outs):
-            if len(group_in) == 1 and len(group_out) == 1:
+            out_varies = any(cone.expr_varies(outs[d]) for d in group_out)
+            if len(group_in) == 1 and len(group_out) == 1 or all(_constant_along(ids, d) for d in group_in) or \
+                    not out_varies and not any(cone.expr_varies(ins[d]) for d in group_in):
                 continue
-            if any(cone.expr_varies(ins[d]) for d in group_in) and \
-                    not all(_constant_along(ids, d) for d in group_in):
+            # features vary along some input dims: the output dims must not vary, and where such a
+            # dim ``d`` lands (flat index // the product of the sizes after it) must not either
+            if out_varies or any(not _constant_along(ids, d) and cone.expr_varies(sympy.Mul(*(ins[e] for e in group_in[k:])))
+                                 for k, d in enumerate(group_in)):
                 raise _Stop(f"{node.name}: merges or splits features with a size that varies with the input")
 
     def _runner(self, node: Node) -> Any:
@@ -450,7 +466,7 @@ class _ConePropagation:
                     else None
             if node.target in _AVERAGE_FUNCTIONS:
                 return "average" if bind_args(node, _AVG_POOL_ARGS).get("divisor_override") is None else None
-            if node.target in _RESAMPLE_FUNCTIONS:
+            if node.target in RESAMPLE_FUNCTIONS:
                 return _resample_kind(bind_args(node, _INTERPOLATE_ARGS).get("mode", "nearest"))
             if node.target in _MAX_FUNCTIONS:
                 names = _ADAPTIVE_MAX_ARGS if "adaptive" in node.target.__name__ else _MAX_POOL_ARGS
@@ -462,7 +478,7 @@ class _ConePropagation:
                 return "move"
             if isinstance(module, _AVERAGE_MODULES):
                 return "average" if getattr(module, "divisor_override", None) is None else None
-            if isinstance(module, _RESAMPLE_MODULES):
+            if isinstance(module, RESAMPLE_MODULES):
                 return _resample_kind(module.mode)
             if isinstance(module, _MAX_MODULES) and not module.return_indices:
                 return "max"

@@ -8,11 +8,14 @@ its rank and channels, an Embedding makes it an index tensor) at the first side 
 
 ``SymbolicCone`` runs what one node feeds on fake tensors whose sizes are symbols
 (``torch.fx.experimental.symbolic_shapes``): the node's value with every size free but its channel
-axis, other tensors it meets with every size free (Tensors of the model itself keep theirs). A
+axis, other tensors it meets with every size free (Tensors of the model itself keep theirs), the
+output of a resampling op with free spatial sizes (its float size rule would fix them all). A
 size of a node there either has free symbols (it *varies* with the input sizes) or is a constant,
 possibly only under the conditions the run had to assume (an Embedding's batch is the image's
 because ``cat`` needs it). A feature map proven with the varying sizes held apart from the
-constant ones holds at every size the model accepts (``fxcanon.affine``).
+constant ones holds at every size the model accepts (``fxcanon.affine``), provided no op on the
+way routes features differently under a condition the run assumed (``squeeze`` of a size that is
+not 1 at the hint: refused there).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import sympy
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Interpreter, Node
@@ -34,8 +38,10 @@ from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import CanonizationError
-from .views import batchnorm_view, get_attr_value, linear_view
+from .views import batchnorm_view, call_input, get_attr_value, linear_view
 
+RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
+RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
 HINTED_KEY = "fxcanon_hinted"  # gm.meta: inputs were made for it once (True if they ran)
 # side lengths tried for spatial axes when no example inputs are given (the Relation Network with
@@ -119,6 +125,12 @@ def record_hint_shapes(gm: GraphModule) -> bool:
     return False
 
 
+def _resamples(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), RESAMPLE_MODULES)
+    return node.op == "call_function" and node.target in RESAMPLE_FUNCTIONS
+
+
 def _recorded(node: Node) -> bool:
     return hasattr(node.meta.get("tensor_meta"), "shape")
 
@@ -168,6 +180,10 @@ class SymbolicCone:
                     self.values[node] = get_attr_value(gm, node.target)
                 elif seeded(node):
                     self.values[node] = seed(node, ())
+                elif _resamples(gm, node):  # its size rule would take every size as a constant (float math)
+                    self.values[node] = seed(node, (1,))
+                    with mode:
+                        torch._check(self.values[node].shape[0] == self.values[call_input(node)].shape[0])
                 else:
                     args, kwargs = map_arg((node.args, node.kwargs), self.values.__getitem__)
                     with mode:
