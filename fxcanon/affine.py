@@ -26,7 +26,6 @@ run fails). Without recorded shapes, shapes are recorded at inputs made from the
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -571,14 +570,13 @@ def _size_guard(bn: BatchNormView, rank_guard: Guard | None, cone: SymbolicCone 
     return Guard(len(shape), fixed, why)
 
 
-def _symbolic_cone(gm: GraphModule, bn: BatchNormView, nodes: Iterable[Node]) -> SymbolicCone | None:
-    """The symbolic sizes of ``nodes`` fed by ``bn`` (sizes recorded as 1 free if the model accepts
-    that, else constants); None where the run fails on shapes from example inputs (every size is
-    then held)."""
-    nodes = list(nodes)
+def _symbolic_cone(gm: GraphModule, bn: BatchNormView, nodes: list[Node], held: tuple[int, ...]) -> SymbolicCone | None:
+    """The symbolic sizes of ``nodes`` fed by ``bn``, its ``held`` dims constant (sizes recorded as 1
+    free if the model accepts that, else constants); None where the run fails on shapes from
+    example inputs (every size is then held)."""
     for free_ones in (True, False):
         try:
-            return SymbolicCone(gm, bn.node, nodes, free_ones)
+            return SymbolicCone(gm, bn.node, nodes, free_ones, held)
         except CanonizationError as error:
             failure = error
     if gm.meta.get(HINTED_KEY):  # the recorded sizes are ours: holding them would refuse real inputs
@@ -592,16 +590,26 @@ def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_param
     Followed at the recorded sizes first (shapes recorded at inputs made from the graph if there
     are none and the ops on the way could carry the map); then again with the symbolic sizes of
     the nodes on the way and of the layers reached (their weights fix their input sizes), except
-    in ``torch.compile`` graphs (Dynamo guards sizes itself)."""
+    in ``torch.compile`` graphs (Dynamo guards sizes itself). Where that fails at free sizes and
+    the sizes come from example inputs, the BatchNorm's sizes but the batch are held (and guarded):
+    its output is seeded with free sizes even where the ops before it fix them (global pooling)."""
     if not graph_params and "tensor_meta" not in bn.node.meta:
         _ConePropagation(gm, bn, s, graph_params, None).reach()  # before running the model for shapes
         if not record_hint_shapes(gm):
             raise _Stop(f"{bn.node.name}: no recorded shape (pass example_inputs)")
     at_recorded = _ConePropagation(gm, bn, s, graph_params, None)
     sinks = at_recorded.run()
-    cone = None if graph_params else _symbolic_cone(gm, bn, [*at_recorded.ids, *(k.view.node for k in sinks)])
+    nodes = [*at_recorded.ids, *(k.view.node for k in sinks)]
+    cone = None if graph_params else _symbolic_cone(gm, bn, nodes, (1,))
     if cone is not None:
-        sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
+        try:
+            sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
+        except _Stop:
+            rank = len(bn.node.meta["tensor_meta"].shape)
+            if gm.meta.get(HINTED_KEY) or rank < 3:  # sizes of our own choosing are not worth holding
+                raise
+            cone = _symbolic_cone(gm, bn, nodes, tuple(range(1, rank)))
+            sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
     guard = _rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))
     if isinstance(guard, str):
         raise _Stop(guard)

@@ -136,13 +136,14 @@ def _recorded(node: Node) -> bool:
 
 
 class SymbolicCone:
-    """Symbolic sizes of ``start`` (every dim free but dim 1) and of ``nodes`` computed from it,
-    with what they read.
+    """Symbolic sizes of ``start`` (every dim free but the ``held`` ones) and of ``nodes`` computed
+    from it, with what they read.
 
     Raises CanonizationError if the run fails (an op without symbolic shape support, an input
     without recorded shape)."""
 
-    def __init__(self, gm: GraphModule, start: Node, nodes: Iterable[Node], free_ones: bool = True) -> None:
+    def __init__(self, gm: GraphModule, start: Node, nodes: Iterable[Node], free_ones: bool = True,
+                 held: tuple[int, ...] = (1,)) -> None:
         self.env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
         mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
         downstream = {start}
@@ -164,7 +165,7 @@ class SymbolicCone:
         def seeded(node: Node) -> bool:  # a value of its own: read from the model, or free sizes
             return node.op in ("get_attr", "placeholder") or (node not in downstream and _recorded(node))
 
-        self.values: dict[Node, Any] = {start: seed(start, (1,))}
+        self.values: dict[Node, Any] = {start: seed(start, held)}
         needed, pending = set(), [n for n in nodes if n is not start]
         while pending:
             node = pending.pop()

@@ -253,20 +253,17 @@ class AcceptsTwoSizes(ViewsChannelsAt1x1):
         return self.linear(self.bn(x).view(-1, 4))
 
 
-def test_layout_fold_that_holds_at_the_traced_size_only_is_left():
-    model = prepared(ViewsChannelsAt1x1())
+@pytest.mark.parametrize("model_type", [ViewsChannelsAt1x1, AcceptsTwoSizes])
+def test_layout_fold_proven_at_the_traced_size_only_is_guarded(model_type):
+    """No fold at every size: the spatial sizes it was proven for are held, the batch is free."""
+    model = prepared(model_type())
     gm = canonicalize(model, (torch.randn(2, 4, 1, 1, dtype=D),))
-    assert_same(model, gm, torch.randn(2, 4, 3, 3, dtype=D))
-    assert "size that varies" in left_reason(gm, "bn")
-
-
-def test_layout_fold_seen_at_one_accepted_size_only_is_left():
-    """The model accepts 1x1 and 5x5 maps: ``view(-1, C)`` keeps channels apart only at 1x1."""
-    model = prepared(AcceptsTwoSizes())
-    gm = canonicalize(model, (torch.randn(2, 4, 1, 1, dtype=D),))
-    assert "size that varies" in left_reason(gm, "bn")
-    for shape in [(5, 4, 1, 1), (2, 4, 5, 5)]:
-        assert_same(model, gm, torch.randn(shape, dtype=D))
+    assert_same(model, gm, torch.randn(5, 4, 1, 1, dtype=D))
+    assert "dim 2 == 1, dim 3 == 1" in str(get_report(gm))
+    x = torch.randn(2, 4, 3 if model_type is ViewsChannelsAt1x1 else 5, 3, dtype=D)
+    model(x)
+    with pytest.raises(AssertionError, match="fxcanon"):
+        gm(x)
 
 
 # --- sharing with the caller ------------------------------------------------------------------------

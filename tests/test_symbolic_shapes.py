@@ -5,8 +5,12 @@ vary are followed symbolically (``fxcanon.shapes``); the folds need no size guar
 against the float64 original, at batches and resolutions never traced.
 """
 
+import functools
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.fx import symbolic_trace
 
@@ -77,12 +81,22 @@ REFUSED = {  # the column a channel reaches depends on the size
 }
 
 
+@functools.cache
+def _canonized(name):
+    model = _prepared(Reshaped(*FOLDING[name]))
+    return model, canonicalize(symbolic_trace(model))
+
+
 @pytest.mark.parametrize("name", FOLDING)
 def test_reshapes_that_keep_channels_apart_fold_without_guard(name):
-    model = _prepared(Reshaped(*FOLDING[name]))
-    gm = canonicalize(symbolic_trace(model))
+    _, gm = _canonized(name)
     assert not get_report(gm).left and not get_report(gm).entries["bn"].guards, get_report(gm)
-    _assert_same(model, gm, [(1, 4, 5, 7), (3, 4, 9, 4), (2, 4, 2, 2)])
+
+
+@given(st.sampled_from(sorted(FOLDING)), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9))
+def test_reshape_folds_hold_at_any_size(name, batch, height, width):
+    model, gm = _canonized(name)
+    _assert_same(model, gm, [(batch, 4, height, width)])
 
 
 @pytest.mark.parametrize("with_inputs", [False, True])
