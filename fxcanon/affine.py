@@ -15,12 +15,14 @@ The recorded sizes are one point; ``fxcanon.shapes.SymbolicCone`` says which siz
 the input. The map is proven for every size when (by induction over the ops) the ids are constant
 along every varying dim: ops that move elements within dims keep that (a pooling window or a
 slice of a constant row is constant); a reshape may merge or split a varying dim only with dims
-along which the ids are constant too (else the column a channel reaches depends on the size);
+along which the ids are constant too, or into output sizes that do not vary with features at
+strides that do not vary (else the column a channel reaches depends on the size);
 ops whose arguments vary are followed only where they act on varying dims (repeat, expand,
-reshapes); a Linear's feature axis and a convolution's channel axis must not vary. The
-BatchNorm's sizes that do not vary are held by a call-time guard (all of them when the symbolic
-run fails). Without recorded shapes, shapes are recorded at inputs made from the graph
-(``fxcanon.shapes.record_hint_shapes``) once a BatchNorm needs them.
+reshapes, narrow and slice bounds); a Linear's feature axis and a convolution's channel axis must
+not vary. The BatchNorm's sizes that do not vary are held by a call-time guard. Where the map
+cannot be proven at free sizes, sizes from example inputs are held instead (all but the batch;
+all of them when the symbolic run fails). Without recorded shapes, shapes are recorded at inputs
+made from the graph (``fxcanon.shapes.record_hint_shapes``) once a BatchNorm needs them.
 """
 
 from __future__ import annotations
