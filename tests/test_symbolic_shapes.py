@@ -16,6 +16,8 @@ from torch.fx import symbolic_trace
 
 from fxcanon import canonicalize, get_report
 from fxcanon.equivalence import check_equivalence, randomize_batchnorms, relative_error
+from fxcanon.models import RelationNetwork
+from fxcanon.shapes import SymbolicCone, record_hint_shapes, record_shapes
 from fxcanon.zoo import MIN_SIZE, ZOO, build, count_batchnorms
 
 D = torch.float64
@@ -115,3 +117,26 @@ def test_reshapes_whose_columns_depend_on_the_size_are_refused_or_guarded(name, 
             assert relative_error(gm(x), expected) < 1e-12
         except AssertionError as error:  # a guard refuses the sizes the fold was not proven for
             assert entry.guards and "fxcanon" in str(error)
+
+
+def test_inputs_made_from_the_graph():
+    """The image reaches a Conv2d with 3 input channels, the question an Embedding; the unpadded
+    Relation Network accepts 128 but not 64 pixels."""
+    gm = symbolic_trace(RelationNetwork(padding=0).eval())
+    assert record_hint_shapes(gm)
+    image, question = (n.meta["tensor_meta"] for n in gm.graph.nodes if n.op == "placeholder")
+    assert tuple(image.shape) == (2, 3, 128, 128) and image.dtype == torch.float32
+    assert tuple(question.shape) == (2, 8) and question.dtype == torch.long
+
+
+def test_symbolic_sizes_of_the_relation_network_cone():
+    """Batch and grid sides vary; the object count is fixed by the coordinate buffer (64), the pair
+    features by the first relation layer g.0."""
+    rn = RelationNetwork(padding=1).eval()
+    gm = symbolic_trace(rn)
+    record_shapes(gm, rn.example_inputs())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cone = SymbolicCone(gm, nodes["encoder_11"], [nodes[name] for name in ("cat_1", "view_3", "g_0")])
+    assert cone.varying(nodes["encoder_11"]) == (True, False, True, True)
+    assert cone.varying(nodes["cat_1"]) == (True, False, False, False)
+    assert cone.varying(nodes["view_3"]) == (True, False)
