@@ -77,9 +77,9 @@ def record_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
                     buffer.copy_(buffers[name])
 
 
-def _placeholder_spec(gm: GraphModule, placeholder: Node) -> tuple[int, int, torch.dtype] | None:
-    """(rank, channels, dtype) of a placeholder from the first layer it reaches through
-    single-input ops (channels -1: an index tensor for an Embedding), else None."""
+def _placeholder_spec(gm: GraphModule, placeholder: Node) -> tuple[int, int, Tensor] | None:
+    """(rank, channels, a tensor of the layer's dtype and device) of a placeholder from the first
+    layer it reaches through single-input ops (channels -1: an index tensor for an Embedding)."""
     frontier, seen = [placeholder], set()
     while frontier:
         node = frontier.pop(0)
@@ -89,15 +89,15 @@ def _placeholder_spec(gm: GraphModule, placeholder: Node) -> tuple[int, int, tor
             seen.add(user)
             if user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.Embedding) and \
                     user.args and user.args[0] is node:
-                return 2, -1, torch.long
+                return 2, -1, gm.get_submodule(user.target).weight.new_empty(0, dtype=torch.long)
             view = linear_view(gm, user)
             if view is not None and view.input is node:
                 rank = view.batched_rank if view.spatial_dims else 2
-                return rank, view.in_channels, view.weight.dtype
+                return rank, view.in_channels, view.weight
             bn = batchnorm_view(gm, user)
             if bn is not None and bn.input is node and bn.accepted_ranks:
-                dtype = next(t.dtype for t in (bn.running_mean, bn.weight) if t is not None)
-                return bn.accepted_ranks[0], bn.num_features, dtype
+                return bn.accepted_ranks[0], bn.num_features, next(t for t in (bn.running_mean, bn.weight)
+                                                                   if t is not None)
             if len(user.all_input_nodes) == 1:
                 frontier.append(user)
     return None
@@ -113,9 +113,8 @@ def record_hint_shapes(gm: GraphModule) -> bool:
     if not specs or any(spec is None for spec in specs):
         return False
     for side in HINT_SIZES:
-        inputs = [torch.zeros(_HINT_BATCH, _HINT_LENGTH, dtype=dtype) if channels < 0 else
-                  torch.zeros(_HINT_BATCH, channels, *([side] * (rank - 2)), dtype=dtype)
-                  for rank, channels, dtype in specs]
+        inputs = [like.new_zeros(_HINT_BATCH, _HINT_LENGTH) if channels < 0 else
+                  like.new_zeros(_HINT_BATCH, channels, *([side] * (rank - 2))) for rank, channels, like in specs]
         try:
             record_shapes(gm, inputs)
         except CanonizationError:
@@ -146,6 +145,7 @@ class SymbolicCone:
                  held: tuple[int, ...] = (1,)) -> None:
         self.env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
         mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
+        device = next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu"))
         downstream = {start}
         for node in gm.graph.nodes:
             if node.op != "output" and any(arg in downstream for arg in node.all_input_nodes):
@@ -159,7 +159,7 @@ class SymbolicCone:
             # ``free_ones``: a free size recorded as 1 gets the hint 2 (fake tensors take a size 1 as a
             # constant); without, it stays the constant 1
             shape = [2 if free_ones and n == 1 and d not in fixed else n for d, n in enumerate(meta.shape)]
-            return mode.from_tensor(torch.empty(shape, dtype=meta.dtype),
+            return mode.from_tensor(torch.empty(shape, dtype=meta.dtype, device=device),
                                     symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
         def seeded(node: Node) -> bool:  # a value of its own: read from the model, or free sizes
