@@ -95,10 +95,11 @@ def canonicalize(
     """Return a new GraphModule computing the same function with foldable BatchNorms merged.
 
     ``model`` is a GraphModule or a module to trace; it is never mutated. ``example_inputs``
-    (optional) lets the analysis record shapes: it is needed to fold through layout ops
-    (view, permute, cat, pooling...) and to prove the channel axis of BatchNorm1d/functional
-    BatchNorms; a model that defines ``example_inputs()`` (like
-    :class:`fxcanon.models.RelationNetwork`) provides them itself. ``passes`` selects pass classes
+    (optional) are the inputs at which shapes are recorded, to fold through layout ops (view,
+    permute, cat, pooling...) and to prove the channel axis of BatchNorm1d/functional BatchNorms;
+    a model that defines ``example_inputs()`` (like :class:`fxcanon.models.RelationNetwork`)
+    provides them itself; without them, inputs are made from the graph when a BatchNorm needs
+    shapes (``fxcanon.shapes``). ``passes`` selects pass classes
     (or instances) to run instead of :data:`fxcanon.passes.DEFAULT_PASSES`. BatchNorms in training
     mode raise CanonizationError unless ``allow_training`` leaves them untouched. The report is
     ``get_report(result)``.
