@@ -10,10 +10,19 @@ tensor of *feature ids* (BatchNorm channel ``c`` is ``c + 1``, anything else is 
 like the real values recorded by shape propagation: the ids arriving at a Linear must be the same
 in every row, at a convolution the same at every position of a channel. Then the layer's input
 column (or channel) ``k`` sees BatchNorm channel ``ids[k] - 1`` or the identity (A.23-A.26).
-Shapes are recorded at the example inputs and, where the model accepts them, at inputs one larger
-along batch and spatial axes (``fxcanon.canonicalize.probe_sizes``): both must give the same map,
-which rejects reshapes that keep channels apart only at the traced size. Without recorded shapes
-only direct uses (BatchNorm -> layer, BatchNorm -> constant pad -> conv) are analysed.
+
+The recorded sizes are one point; ``fxcanon.shapes.SymbolicCone`` says which sizes *vary* with
+the input. The map is proven for every size when (by induction over the ops) the ids are constant
+along every varying dim: ops that move elements within dims keep that (a pooling window or a
+slice of a constant row is constant); a reshape may merge or split a varying dim only with dims
+along which the ids are constant too, or into output sizes that do not vary with features at
+strides that do not vary (else the column a channel reaches depends on the size);
+ops whose arguments vary are followed only where they act on varying dims (repeat, expand,
+reshapes, narrow and slice bounds); a Linear's feature axis and a convolution's channel axis must
+not vary. The BatchNorm's sizes that do not vary are held by a call-time guard. Where the map
+cannot be proven at free sizes, sizes from example inputs are held instead (all but the batch;
+all of them when the symbolic run fails). Without recorded shapes, shapes are recorded at inputs
+made from the graph (``fxcanon.shapes.record_hint_shapes``) once a BatchNorm needs them.
 """
 
 from __future__ import annotations
@@ -22,17 +31,17 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from .errors import CanonizationError
+from .shapes import HINTED_KEY, RESAMPLE_FUNCTIONS, RESAMPLE_MODULES, VALUE_KEY, SymbolicCone, record_hint_shapes
 from .views import (PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view,
                     _DROPOUT_MODULES, get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
-
-VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
-PROBE_KEY = "fxcanon_probe"  # per run at another input size: (shape or None, value)
 
 _CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
 # Ops that move or copy elements without mixing them (every output is one input element): they
@@ -55,11 +64,15 @@ _MOVE_MODULES = (
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
     nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
 )
-_RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
-_RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 # nearest resampling copies elements; linear, bilinear, bicubic, trilinear and area modes are
 # weighted sums whose weights add up to 1 at every output (an average, checked like pooling)
 _NEAREST_MODES = {"nearest", "nearest-exact"}
+# reshapes: checked on the symbolic sizes of their input and output, whatever their arguments
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+# moves whose varying arguments act on varying dims only (a varying count or size of its own)
+_SIZED_METHODS = {"repeat", "expand"}
 # ops whose other tensor arguments are data of their own (identity features)
 _JOINS = {torch.cat, torch.concat, torch.stack, "expand_as"}
 
@@ -242,8 +255,8 @@ class _ConePropagation:
     """Runs the uses of one BatchNorm on feature ids (see module docstring)."""
 
     def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool,
-                 probe: int | None = None) -> None:
-        self.gm, self.bn, self.s, self.graph_params, self.probe = gm, bn, s, graph_params, probe
+                 cone: SymbolicCone | None) -> None:
+        self.gm, self.bn, self.s, self.graph_params, self.cone = gm, bn, s, graph_params, cone
         self.ids: dict[Node, Any] = {}
         self.paths: dict[Node, tuple[str, ...]] = {}
         self.sinks: list[Sink] = []
@@ -251,14 +264,14 @@ class _ConePropagation:
 
     def _meta_shape(self, node: Node) -> tuple[int, ...]:
         meta = node.meta.get("tensor_meta")
-        if self.probe is not None:
-            shape = _probe_record(node, self.probe)[0]
-            meta = None if shape is None else torch.empty(shape, device="meta")
         if not hasattr(meta, "shape"):
             raise _Stop(f"{node.name}: no recorded shape (pass example_inputs)")
         if not all(isinstance(d, int) for d in meta.shape):
             raise _Stop(f"{node.name}: symbolic shape, features not followed")
         return tuple(meta.shape)
+
+    def _varying(self, node: Node) -> tuple[Any, ...]:
+        return self.cone.varying(node) if self.cone is not None else ()
 
     def run(self) -> list[Sink]:
         shape = self._meta_shape(self.bn.node)
@@ -274,6 +287,33 @@ class _ConePropagation:
                 self._visit(node)
         return self.sinks
 
+    def reach(self) -> None:
+        """Raise _Stop unless every use of the BatchNorm reaches linear layers through ops that
+        could carry it: the part of the analysis that needs no shapes."""
+        reached, pending = {self.bn.node}, [self.bn.node]
+        while pending:
+            for node in pending.pop().users:
+                if node in reached or all(reads_only_metadata(node, arg) for arg in node.all_input_nodes
+                                          if arg in reached):
+                    continue
+                view = linear_view(self.gm, node, self.graph_params)
+                if view is not None and view.input in reached or constant_pad_view(self.gm, node) is not None:
+                    continue
+                if node.op == "output":
+                    raise _Stop("the BatchNorm's output reaches the model output")
+                if not (node.op == "call_method" and node.target in _CAST_METHODS) and self._kind(node) is None:
+                    raise _Stop(f"{node.name} ({node.op} {_target_name(node.target)}) mixes features non-linearly")
+                reached.add(node)
+                pending.append(node)
+
+    def _sink(self, view: LinearView, node: Node, path: tuple[str, ...], pad: ConstantPadView | None = None) -> None:
+        """``view`` reads ``node`` (through ``pad``): its feature or channel axis must not vary."""
+        varying = self._varying(node)
+        axis = -1 if view.spatial_dims == 0 else 1
+        if varying and varying[axis]:
+            raise _Stop(f"{view.node.name}: its {'feature' if axis < 0 else 'channel'} axis varies with the input size")
+        self.sinks.append(Sink(view, _channel_map(view, self.ids[node]), path, pad))
+
     def _visit(self, node: Node) -> None:
         cone_args = [arg for arg in node.all_input_nodes if arg in self.ids]
         path = self.paths[cone_args[0]]
@@ -283,14 +323,14 @@ class _ConePropagation:
             raise _Stop(f"{node.name} has forward hooks")
         view = linear_view(self.gm, node, self.graph_params)
         if view is not None and cone_args == [view.input]:
-            self.sinks.append(Sink(view, _channel_map(view, self.ids[view.input]), path))
+            self._sink(view, view.input, path)
             return
         pad = constant_pad_view(self.gm, node)
         if pad is not None and cone_args == [pad.input]:
             conv = _pad_sink(self.gm, pad, self.graph_params)
             if conv is None:
                 raise _Stop(f"{node.name}: constant padding that does not feed a convolution directly")
-            self.sinks.append(Sink(conv, _channel_map(conv, self.ids[pad.input]), path, pad))
+            self._sink(conv, pad.input, path, pad)
             self.handled.add(conv.node)
             return
         self.ids[node] = self._propagate(node)
@@ -299,9 +339,7 @@ class _ConePropagation:
     def _lookup(self, node: Node, joins: bool) -> Any:
         if node in self.ids:
             return self.ids[node]
-        if self.probe is not None and PROBE_KEY in node.meta and _probe_record(node, self.probe)[0] is None:
-            return _probe_record(node, self.probe)[1]
-        if self.probe is None and VALUE_KEY in node.meta:
+        if VALUE_KEY in node.meta:
             return node.meta[VALUE_KEY]
         if node.op == "get_attr":  # a constant index (index_select)
             value = get_attr_value(self.gm, node.target)
@@ -319,13 +357,15 @@ class _ConePropagation:
             raise _Stop(f"{node.name} ({node.op} {_target_name(node.target)}) mixes features non-linearly")
         if kind == "cast":
             return self.ids[node.args[0]]
+        if self.cone is not None:
+            self._check_sizes(node)
         joins = node.target in _JOINS
         args = map_arg(node.args, lambda n: self._lookup(n, joins))
         kwargs = map_arg(node.kwargs, lambda n: self._lookup(n, joins))
         run = self._runner(node)
         try:
             out = run(*args, **kwargs)
-        except Exception as error:  # the op does not accept the ids (e.g. symbolic sizes): do not follow
+        except Exception as error:  # the op does not accept the ids: do not follow
             raise _Stop(f"{node.name}: could not follow the features ({type(error).__name__})") from error
         if kind == "average":  # weights add up to 1 (up to rounding): equal ids in, the same id out
             if not torch.allclose(run(*_squared(args), **kwargs), out * out, rtol=1e-12, atol=0.0):
@@ -339,7 +379,70 @@ class _ConePropagation:
                 raise _Stop(f"{node.name}: max pooling needs the BatchNorm's scale, unknown here")
             if bool((self.s[channels[channels >= 0].unique()] < 0).any()):
                 raise _Stop(f"{node.name}: max pooling does not commute with a negative BatchNorm scale")
+        varying = self._varying(node)
+        for tensor, dims in zip(*((out, varying) if isinstance(out, (tuple, list)) else ((out,), (varying,)))):
+            if isinstance(tensor, Tensor) and not all(_constant_along(tensor, d) for d, v in enumerate(dims) if v):
+                raise _Stop(f"{node.name}: features differ along a size that varies with the input")
         return out
+
+    def _check_sizes(self, node: Node) -> None:
+        """Refuse ``node`` where its feature map could depend on sizes that vary (module docstring)."""
+        if _is_reshape(self.gm, node):
+            self._check_reshape(node)
+            return
+        if node.target in ("roll", torch.roll) and bind_args(node, ("input", "shifts", "dims")).get("dims") is None:
+            raise _Stop(f"{node.name}: rolls the flattened tensor")
+        squeeze = bind_args(node, ("input", "dim")) if node.target in ("squeeze", torch.squeeze) else {}
+        if isinstance(squeeze.get("input"), Node):
+            varying, dims = self._varying(squeeze["input"]), squeeze.get("dim")
+            dims = range(len(varying)) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
+            if any(varying[d] for d in dims if isinstance(d, int)):  # its rank would depend on the size
+                raise _Stop(f"{node.name}: squeezes a size that varies with the input")
+        if any(arg not in self.ids and self.cone.value_varies(arg) for arg in node.all_input_nodes) and \
+                not self._varies_varying_dims_only(node):
+            raise _Stop(f"{node.name}: an argument varies with the input size")
+
+    def _varies_varying_dims_only(self, node: Node) -> bool:
+        """True if the arguments of ``node`` that vary act on dims of its input that vary (the ids
+        are constant along those): repeat and expand counts, narrow and slice bounds."""
+        if node.op == "call_method" and node.target in _SIZED_METHODS:
+            return True
+        if node.target in ("narrow", torch.narrow):
+            args = bind_args(node, ("input", "dim", "start", "length"))
+            varying, dim = self._varying(args.get("input")), args.get("dim")
+            return isinstance(dim, int) and -len(varying) <= dim < len(varying) and bool(varying[dim])
+        if node.target in (operator.getitem, "__getitem__") and len(node.args) == 2 and node.args[0] in self.ids:
+            varying = self._varying(node.args[0])
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            dim = 0
+            for k, item in enumerate(index):
+                if item is Ellipsis:
+                    dim = len(varying) - sum(i is not None and i is not Ellipsis for i in index[k + 1:])
+                elif item is not None:
+                    parts = (item.start, item.stop, item.step) if isinstance(item, slice) else (item,)
+                    if any(isinstance(p, Node) and self.cone.value_varies(p) for p in parts) and \
+                            not (0 <= dim < len(varying) and varying[dim] is True):
+                        return False
+                    dim += 1
+            return True
+        return False
+
+    def _check_reshape(self, node: Node) -> None:
+        source = node.args[0] if node.args else None
+        if source not in self.ids:
+            raise _Stop(f"{node.name}: reshapes another tensor like the BatchNorm's output")
+        cone, ids = self.cone, self.ids[source]
+        ins, outs = cone.sizes(source), cone.sizes(node)
+        for group_in, group_out in _reshape_groups(node.name, cone, ins, outs):
+            out_varies = any(cone.expr_varies(outs[d]) for d in group_out)
+            if len(group_in) == 1 and len(group_out) == 1 or all(_constant_along(ids, d) for d in group_in) or \
+                    not out_varies and not any(cone.expr_varies(ins[d]) for d in group_in):
+                continue
+            # features vary along some input dims: the output dims must not vary, and where such a
+            # dim ``d`` lands (flat index // the product of the sizes after it) must not either
+            if out_varies or any(not _constant_along(ids, d) and cone.expr_varies(sympy.Mul(*(ins[e] for e in group_in[k:])))
+                                 for k, d in enumerate(group_in)):
+                raise _Stop(f"{node.name}: merges or splits features with a size that varies with the input")
 
     def _runner(self, node: Node) -> Any:
         if node.op == "call_module":
@@ -364,7 +467,7 @@ class _ConePropagation:
                     else None
             if node.target in _AVERAGE_FUNCTIONS:
                 return "average" if bind_args(node, _AVG_POOL_ARGS).get("divisor_override") is None else None
-            if node.target in _RESAMPLE_FUNCTIONS:
+            if node.target in RESAMPLE_FUNCTIONS:
                 return _resample_kind(bind_args(node, _INTERPOLATE_ARGS).get("mode", "nearest"))
             if node.target in _MAX_FUNCTIONS:
                 names = _ADAPTIVE_MAX_ARGS if "adaptive" in node.target.__name__ else _MAX_POOL_ARGS
@@ -376,7 +479,7 @@ class _ConePropagation:
                 return "move"
             if isinstance(module, _AVERAGE_MODULES):
                 return "average" if getattr(module, "divisor_override", None) is None else None
-            if isinstance(module, _RESAMPLE_MODULES):
+            if isinstance(module, RESAMPLE_MODULES):
                 return _resample_kind(module.mode)
             if isinstance(module, _MAX_MODULES) and not module.return_indices:
                 return "max"
@@ -396,6 +499,41 @@ def _squared(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _negated(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (-args[0], *args[1:])
+
+
+def _constant_along(ids: Tensor, dim: int) -> bool:
+    return ids.shape[dim] == 0 or bool((ids == ids.narrow(dim, 0, 1)).all())
+
+
+def _is_reshape(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _RESHAPE_MODULES)
+    return node.target in (_RESHAPE_METHODS if node.op == "call_method" else _RESHAPE_FUNCTIONS)
+
+
+def _reshape_groups(name: str, cone: SymbolicCone, ins: tuple[Any, ...],
+                    outs: tuple[Any, ...]) -> list[tuple[list[int], list[int]]]:
+    """Consecutive dims of a reshape's input and output with equal products (dims of size 1 left
+    out): within a group the row-major order maps elements, across groups dims stay apart."""
+    a = [d for d, size in enumerate(ins) if size != 1]
+    b = [d for d, size in enumerate(outs) if size != 1]
+    groups, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        group_in, group_out, left, right = [a[i]], [b[j]], ins[a[i]], outs[b[j]]
+        i, j = i + 1, j + 1
+        while not cone.equal(left, right):
+            if cone.hint(left) < cone.hint(right) and i < len(a):
+                group_in.append(a[i])
+                left, i = left * ins[a[i]], i + 1
+            elif cone.hint(right) < cone.hint(left) and j < len(b):
+                group_out.append(b[j])
+                right, j = right * outs[b[j]], j + 1
+            else:
+                raise _Stop(f"{name}: its sizes cannot be matched for every input size")
+        groups.append((group_in, group_out))
+    if i < len(a) or j < len(b):
+        raise _Stop(f"{name}: its sizes cannot be matched for every input size")
+    return groups
 
 
 def _target_name(target: Any) -> str:
@@ -420,50 +558,70 @@ def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node, graph_params: b
     return Sink(view, torch.arange(bn.num_features), (), pad, guard)
 
 
-def _probe_record(node: Node, probe: int) -> tuple[Any, Any]:
-    records = node.meta.get(PROBE_KEY, ())
-    return records[probe] if probe < len(records) else (None, None)
-
-
-def _size_guard(bn: BatchNormView, rank_guard: Guard | None) -> Guard:
-    """Sizes of the normalized tensor that no run at another input size varied (all of them when
-    none ran) are held at their recorded values: features were followed at those sizes only."""
+def _size_guard(bn: BatchNormView, rank_guard: Guard | None, cone: SymbolicCone | None) -> Guard | None:
+    """The sizes of the normalized tensor that do not vary (all of them without a symbolic run)
+    are held at their recorded values: features were followed at those sizes only."""
     shape = tuple(bn.node.meta["tensor_meta"].shape)
-    probed = [record[0] for record in bn.node.meta.get(PROBE_KEY, ())]
-    fixed = tuple((d, n) for d, n in enumerate(shape)
-                  if d != 1 and all(p is not None and p[d] == n for p in probed))
+    varying = cone.varying(bn.node) if cone is not None else ()
+    fixed = tuple((d, n) for d, n in enumerate(shape) if d != 1 and not (d < len(varying) and varying[d]))
+    if not fixed:
+        return rank_guard
     why = "features were followed through layout ops at these sizes only"
     if rank_guard is not None:
         why = f"{rank_guard.why}; {why}"
     return Guard(len(shape), fixed, why)
 
 
+def _symbolic_cone(gm: GraphModule, bn: BatchNormView, nodes: list[Node], held: tuple[int, ...]) -> SymbolicCone | None:
+    """The symbolic sizes of ``nodes`` fed by ``bn``, its ``held`` dims constant (sizes recorded as 1
+    free if the model accepts that, else constants); None where the run fails on shapes from
+    example inputs (every size is then held)."""
+    for free_ones in (True, False):
+        try:
+            return SymbolicCone(gm, bn.node, nodes, free_ones, held)
+        except CanonizationError as error:
+            failure = error
+    if gm.meta.get(HINTED_KEY):  # the recorded sizes are ours: holding them would refuse real inputs
+        raise _Stop(f"{failure} (pass example_inputs)") from failure
+    return None
+
+
 def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> BackwardFold:
-    """Every use of ``bn`` followed to linear layers (raises _Stop where that fails)."""
-    sinks = _ConePropagation(gm, bn, s, graph_params).run()
-    for probe in range(len(bn.node.meta.get(PROBE_KEY, ()))):  # the same feature map at every size that ran
-        probed = _ConePropagation(gm, bn, s, graph_params, probe=probe).run()
-        if [(k.view.node, k.channel_map.tolist()) for k in sinks] != \
-                [(k.view.node, k.channel_map.tolist()) for k in probed]:
-            raise _Stop("the features reach the layers differently at another input size")
+    """Every use of ``bn`` followed to linear layers (raises _Stop where that fails).
+
+    Followed at the recorded sizes first (shapes recorded at inputs made from the graph if there
+    are none and the ops on the way could carry the map); then again with the symbolic sizes of
+    the nodes on the way and of the layers reached (their weights fix their input sizes), except
+    in ``torch.compile`` graphs (Dynamo guards sizes itself). Where that fails at free sizes and
+    the sizes come from example inputs, the BatchNorm's sizes but the batch are held (and guarded):
+    its output is seeded with free sizes even where the ops before it fix them (global pooling)."""
+    if not graph_params and "tensor_meta" not in bn.node.meta:
+        _ConePropagation(gm, bn, s, graph_params, None).reach()  # before running the model for shapes
+        if not record_hint_shapes(gm):
+            raise _Stop(f"{bn.node.name}: no recorded shape (pass example_inputs)")
+    at_recorded = _ConePropagation(gm, bn, s, graph_params, None)
+    sinks = at_recorded.run()
+    nodes = [*at_recorded.ids, *(k.view.node for k in sinks)]
+    cone = None if graph_params else _symbolic_cone(gm, bn, nodes, (1,))
+    if cone is not None:
+        try:
+            sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
+        except _Stop:
+            rank = len(bn.node.meta["tensor_meta"].shape)
+            if gm.meta.get(HINTED_KEY) or rank < 3:  # sizes of our own choosing are not worth holding
+                raise
+            cone = _symbolic_cone(gm, bn, nodes, tuple(range(1, rank)))
+            sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
     guard = rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))
     if isinstance(guard, str):
         raise _Stop(guard)
     if any(sink.path for sink in sinks):
-        guard = _size_guard(bn, guard)
+        guard = _size_guard(bn, guard, cone)
     return BackwardFold(bn, sinks, list(bn.node.users), guard=guard)
 
 
-def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
-                  graph_params: bool = False) -> BackwardFold | str:
-    """Where ``bn`` can be folded into the layers that consume it, or the reason it cannot.
-
-    ``s`` (the BatchNorm's scale, None when unknown) decides whether max pooling commutes.
-    """
-    try:
-        return _cone_fold(gm, bn, s, graph_params)
-    except _Stop as stop:
-        whole = str(stop)
+def _direct_plan(gm: GraphModule, bn: BatchNormView, graph_params: bool) -> tuple[BackwardFold, list[str]]:
+    """The direct uses of ``bn`` folded (needing no recorded shapes), and why others are not."""
     plan = BackwardFold(bn)
     reasons = []
     for user in bn.node.users:
@@ -478,7 +636,24 @@ def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
             plan.rewired.append(user)
         else:
             reasons.append(sink)
+    return plan, reasons
+
+
+def backward_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None,
+                  graph_params: bool = False) -> BackwardFold | str:
+    """Where ``bn`` can be folded into the layers that consume it, or the reason it cannot.
+
+    ``s`` (the BatchNorm's scale, None when unknown) decides whether max pooling commutes.
+    Direct uses are tried first; shapes are needed only for paths through other ops.
+    """
+    plan, reasons = _direct_plan(gm, bn, graph_params)
+    if plan.sinks and not reasons:
+        return plan
+    try:
+        return _cone_fold(gm, bn, s, graph_params)
+    except _Stop as stop:
+        whole = str(stop)
     if not plan.sinks:
         return whole
-    plan.left_reason = f"kept for {'; '.join(reasons)}" if reasons else None
+    plan.left_reason = f"kept for {'; '.join(reasons)}"
     return plan

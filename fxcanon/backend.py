@@ -33,7 +33,7 @@ import torch
 from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .affine import VALUE_KEY
+from .shapes import VALUE_KEY
 from .canonicalize import run_passes
 from .folders import GraphFolder
 from .passes import FoldBatchNormBackward, FoldBatchNormForward, FoldBatchNormThroughReLU

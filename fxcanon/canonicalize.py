@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Tracer
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import modules
-from .affine import PROBE_KEY, VALUE_KEY
 from .errors import CanonizationError
 from .inventory import record_unread
 from .passes import DEFAULT_PASSES, CanonizationPass, ordered
 from .report import REPORT_KEY, Report
+from .shapes import record_shapes
 
 
 _MAX_ROUNDS = 8
@@ -36,17 +34,6 @@ def run_passes(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: 
         if not modified:
             break
     return gm
-
-
-class _ShapeRecorder(ShapeProp):
-    """ShapeProp that also keeps small non-tensor results (sizes, ints) for the affine analysis."""
-
-    def run_node(self, n: Any) -> Any:
-        result = super().run_node(n)
-        if isinstance(result, (int, float, bool, torch.Size)) or (
-                isinstance(result, (tuple, list)) and all(isinstance(r, (int, float, bool)) for r in result)):
-            n.meta[VALUE_KEY] = result
-        return result
 
 
 class _Tracer(Tracer):
@@ -70,70 +57,6 @@ def trace(model: nn.Module) -> GraphModule:
             f"could not trace {type(model).__name__} with torch.fx.symbolic_trace ({type(error).__name__}: "
             f"{error}); trace it yourself (concrete_args, a custom Tracer, leaf modules) and pass the GraphModule"
         ) from error
-
-
-def record_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Annotate every node with its shape (``tensor_meta``) by running ``gm`` once without grad."""
-    try:
-        with torch.no_grad():
-            _ShapeRecorder(gm).propagate(*example_inputs)
-    except Exception as error:
-        raise CanonizationError(f"running the model on example_inputs failed: {error}") from error
-
-
-class _SizeProbe(torch.fx.Interpreter):
-    """Records every node's shape (tensors) or value (the rest) for one more input size."""
-
-    def __init__(self, gm: GraphModule) -> None:
-        super().__init__(gm)
-        self.records: dict[Any, tuple[Any, Any]] = {}
-
-    def run_node(self, n: Any) -> Any:
-        result = super().run_node(n)
-        self.records[n] = (tuple(result.shape), None) if isinstance(result, Tensor) else (None, result)
-        return result
-
-
-def _grown(x: Any, batch: int, spatial: Callable[[int], int]) -> Any:
-    """``x`` with ``batch`` more rows and spatial sizes ``spatial(size)`` (slices repeated cyclically)."""
-    if not isinstance(x, Tensor) or x.dim() == 0:
-        return x
-    for dim, size in [(0, x.shape[0] + batch), *((d, spatial(x.shape[d])) for d in range(2, x.dim()))]:
-        if size != x.shape[dim]:
-            index = torch.arange(size, device=x.device) % x.shape[dim]
-            x = x.index_select(dim, index)
-    return x
-
-
-# Other input sizes tried in order until the model accepts one; the last varies the batch only.
-_PROBES: tuple[tuple[int, Callable[[int], int]], ...] = (
-    (1, lambda n: n + 1), (2, lambda n: n + 2), (1, lambda n: 2 * n), (1, lambda n: n),
-)
-
-
-def probe_sizes(gm: GraphModule, example_inputs: Sequence[Any]) -> int:
-    """Run ``gm`` once more at another batch and spatial size (the first of ``_PROBES`` the model
-    accepts), recording sizes.
-
-    Folds through layout ops then have to map features the same way at both sizes, and dimensions
-    the probe did not vary are guarded at call time (``fxcanon.guards``). Returns how many ran (0, 1).
-    """
-    records: list[dict[Any, tuple[Any, Any]]] = []
-    for batch, spatial in _PROBES:
-        probe = _SizeProbe(gm)
-        try:
-            with torch.no_grad():
-                probe.run(*(_grown(x, batch, spatial) for x in example_inputs))
-        except Exception:  # the model does not accept this size
-            continue
-        records.append(probe.records)
-        break
-    for node in gm.graph.nodes:
-        if records:
-            node.meta[PROBE_KEY] = tuple(r[node] for r in records)
-        else:
-            node.meta.pop(PROBE_KEY, None)
-    return len(records)
 
 
 def _copied(value: Any) -> Any:
@@ -172,10 +95,11 @@ def canonicalize(
     """Return a new GraphModule computing the same function with foldable BatchNorms merged.
 
     ``model`` is a GraphModule or a module to trace; it is never mutated. ``example_inputs``
-    (optional) lets the analysis record shapes: it is needed to fold through layout ops
-    (view, permute, cat, pooling...) and to prove the channel axis of BatchNorm1d/functional
-    BatchNorms; a model that defines ``example_inputs()`` (like
-    :class:`fxcanon.models.RelationNetwork`) provides them itself. ``passes`` selects pass classes
+    (optional) are the inputs at which shapes are recorded, to fold through layout ops (view,
+    permute, cat, pooling...) and to prove the channel axis of BatchNorm1d/functional BatchNorms;
+    a model that defines ``example_inputs()`` (like :class:`fxcanon.models.RelationNetwork`)
+    provides them itself; without them, inputs are made from the graph when a BatchNorm needs
+    shapes (``fxcanon.shapes``). ``passes`` selects pass classes
     (or instances) to run instead of :data:`fxcanon.passes.DEFAULT_PASSES`. BatchNorms in training
     mode raise CanonizationError unless ``allow_training`` leaves them untouched. The report is
     ``get_report(result)``.
@@ -194,15 +118,7 @@ def canonicalize(
     if example_inputs is not None:
         inputs = tuple(_copied(x) for x in ((example_inputs,) if isinstance(example_inputs, Tensor)
                                             else example_inputs))
-        buffers = {name: buffer.clone() for name, buffer in gm.named_buffers()}
-        try:  # running the model must not move the caller's statistics (training-mode BatchNorms)
-            record_shapes(gm, inputs)
-            probe_sizes(gm, inputs)
-        finally:
-            with torch.no_grad():
-                for name, buffer in gm.named_buffers():
-                    if name in buffers and not torch.equal(buffer, buffers[name]):
-                        buffer.copy_(buffers[name])
+        record_shapes(gm, inputs)  # puts back the statistics a training-mode BatchNorm moves
     report = Report()
     selected = [p(report, allow_training=allow_training) if isinstance(p, type) else p
                 for p in ordered(DEFAULT_PASSES if passes is None else passes, prefer, preset, gm)]

@@ -173,9 +173,9 @@ def test_layout_paths_need_example_inputs_and_say_so():
     assert entry.status == "left" and "example_inputs" in entry.left_reason
 
 
-def test_a_view_that_keeps_channels_only_at_the_traced_size_is_left():
+def test_a_view_that_keeps_channels_only_at_the_traced_size_is_guarded():
     """(N, C, 1, 1).view(-1, C) keeps channels in columns only while the map is 1x1: the model
-    accepts 2x2 maps too (rows then mix channels), so the BatchNorm must stay."""
+    accepts 2x2 maps too (rows then mix channels), so the fold holds the map size."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -185,11 +185,14 @@ def test_a_view_that_keeps_channels_only_at_the_traced_size_is_left():
         def forward(self, x):
             return self.fc(self.bn(x).view(-1, 4))
 
-    model = randomize_batchnorms(Net()).eval()
-    gm = canonicalize(model, (torch.randn(2, 4, 1, 1),))
-    assert _batchnorms_left(gm)
-    x = torch.randn(2, 4, 2, 2)
-    assert torch.equal(gm(x), model(x))
+    model = randomize_batchnorms(Net()).eval().double()
+    gm = canonicalize(model, (torch.randn(2, 4, 1, 1, dtype=torch.float64),))
+    assert get_report(gm).entries["bn"].guards == [
+        "input rank == 4, dim 2 == 1, dim 3 == 1 (features were followed through layout ops at these sizes only)"]
+    x = torch.randn(5, 4, 1, 1, dtype=torch.float64)
+    assert relative_error(gm(x), model(x)) < 1e-12
+    with pytest.raises(AssertionError, match="fxcanon"):
+        gm(torch.randn(2, 4, 2, 2, dtype=torch.float64))
 
 
 class PerChannelOp(nn.Module):

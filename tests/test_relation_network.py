@@ -68,8 +68,13 @@ def test_padded_variant_uses_bias_maps_and_leaves_no_batchnorm():
     assert rules == [BACKWARD_BIAS_MAP] * 3 + [THROUGH_LAYOUT]
 
 
-def test_without_example_inputs_the_last_batchnorm_is_left_with_a_reason():
-    rn = network()
-    gm = canonicalize(symbolic_trace(rn))
-    left, = get_report(gm).left
-    assert left.batchnorm == "encoder_11" and "example_inputs" in left.left_reason
+@pytest.mark.parametrize("padding", [0, 1])
+def test_without_example_inputs_every_batchnorm_folds_for_every_batch(padding):
+    rn = network(padding)
+    gm = canonicalize(symbolic_trace(rn))  # the trace has no example_inputs()
+    assert not batchnorms(gm) and not any(entry.guards for entry in get_report(gm).entries.values())
+    fold, = get_report(gm).entries["encoder_11"].folds
+    assert (fold.into, fold.rule, fold.inputs) == ("g_0", THROUGH_LAYOUT, "0:24, 26:50")
+    checks = [rn.example_inputs(batch, length, seed) for batch, length, seed in ((1, 3, 1), (4, 9, 2))]
+    result = check_equivalence(rn, rn.example_inputs(), checks, canonize=lambda m, x: canonicalize(symbolic_trace(m)))
+    assert result.holds(), result

@@ -1,0 +1,234 @@
+"""Recorded and symbolic shapes.
+
+``record_shapes`` runs the model once and annotates every node with its shape (``tensor_meta``)
+and small non-tensor results (``VALUE_KEY``). Without example inputs, ``record_hint_shapes``
+makes inputs from how the graph uses its placeholders (the first layer a placeholder reaches gives
+its rank and channels, an Embedding makes it an index tensor) at the first side length of
+``HINT_SIZES`` the model accepts.
+
+``SymbolicCone`` runs what one node feeds on fake tensors whose sizes are symbols
+(``torch.fx.experimental.symbolic_shapes``): the node's value with every size free but its channel
+axis, other tensors it meets with every size free (Tensors of the model itself keep theirs), the
+output of a resampling op with free spatial sizes (its float size rule would fix them all). A
+size of a node there either has free symbols (it *varies* with the input sizes) or is a constant,
+possibly only under the conditions the run had to assume (an Embedding's batch is the image's
+because ``cat`` needs it). A feature map proven with the varying sizes held apart from the
+constant ones holds at every size the model accepts (``fxcanon.affine``), provided no op on the
+way routes features differently under a condition the run assumed (``squeeze`` of a size that is
+not 1 at the hint: refused there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.experimental.symbolic_shapes import (
+    DimDynamic,
+    ShapeEnv,
+    StatelessSymbolicContext,
+)
+from torch.fx.node import map_arg
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import CanonizationError
+from .views import batchnorm_view, call_input, get_attr_value, linear_view
+
+RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
+RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
+HINTED_KEY = "fxcanon_hinted"  # gm.meta: inputs were made for it once (True if they ran)
+# side lengths tried for spatial axes when no example inputs are given (the Relation Network with
+# unpadded convolutions accepts only 127 and 128)
+HINT_SIZES = (64, 128, 127, 224, 299, 32)
+_HINT_BATCH, _HINT_LENGTH = 2, 8
+
+
+class _ShapeRecorder(ShapeProp):
+    """ShapeProp that also keeps small non-tensor results (sizes, ints) for the affine analysis."""
+
+    def run_node(self, n: Any) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, (int, float, bool, torch.Size)) or (
+                isinstance(result, (tuple, list)) and all(isinstance(r, (int, float, bool)) for r in result)):
+            n.meta[VALUE_KEY] = result
+        return result
+
+
+def record_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Annotate every node with its shape (``tensor_meta``) by running ``gm`` once without grad;
+    buffers the run changes (training-mode statistics) are put back."""
+    buffers = {name: buffer.clone() for name, buffer in gm.named_buffers()}
+    try:
+        with torch.no_grad():
+            _ShapeRecorder(gm).propagate(*example_inputs)
+    except Exception as error:
+        raise CanonizationError(f"running the model on example_inputs failed: {error}") from error
+    finally:
+        with torch.no_grad():
+            for name, buffer in gm.named_buffers():
+                if name in buffers and not torch.equal(buffer, buffers[name]):
+                    buffer.copy_(buffers[name])
+
+
+def _placeholder_spec(gm: GraphModule, placeholder: Node) -> tuple[int, int, Tensor] | None:
+    """(rank, channels, a tensor of the layer's dtype and device) of a placeholder from the first
+    layer it reaches through single-input ops (channels -1: an index tensor for an Embedding)."""
+    frontier, seen = [placeholder], set()
+    while frontier:
+        node = frontier.pop(0)
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.Embedding) and \
+                    user.args and user.args[0] is node:
+                return 2, -1, gm.get_submodule(user.target).weight.new_empty(0, dtype=torch.long)
+            view = linear_view(gm, user)
+            if view is not None and view.input is node:
+                rank = view.batched_rank if view.spatial_dims else 2
+                return rank, view.in_channels, view.weight
+            bn = batchnorm_view(gm, user)
+            if bn is not None and bn.input is node and bn.accepted_ranks:
+                return bn.accepted_ranks[0], bn.num_features, next(t for t in (bn.running_mean, bn.weight)
+                                                                   if t is not None)
+            if len(user.all_input_nodes) == 1:
+                frontier.append(user)
+    return None
+
+
+def record_hint_shapes(gm: GraphModule) -> bool:
+    """Record shapes at inputs made from how the graph uses its placeholders (once per graph);
+    True if shapes are recorded."""
+    if HINTED_KEY in gm.meta:
+        return gm.meta[HINTED_KEY]
+    gm.meta[HINTED_KEY] = False
+    specs = [_placeholder_spec(gm, n) for n in gm.graph.nodes if n.op == "placeholder"]
+    if not specs or any(spec is None for spec in specs):
+        return False
+    for side in HINT_SIZES:
+        inputs = [like.new_zeros(_HINT_BATCH, _HINT_LENGTH) if channels < 0 else
+                  like.new_zeros(_HINT_BATCH, channels, *([side] * (rank - 2))) for rank, channels, like in specs]
+        try:
+            record_shapes(gm, inputs)
+        except CanonizationError:
+            continue
+        gm.meta[HINTED_KEY] = True
+        return True
+    return False
+
+
+def _resamples(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), RESAMPLE_MODULES)
+    return node.op == "call_function" and node.target in RESAMPLE_FUNCTIONS
+
+
+def _recorded(node: Node) -> bool:
+    return hasattr(node.meta.get("tensor_meta"), "shape")
+
+
+class SymbolicCone:
+    """Symbolic sizes of ``start`` (every dim free but the ``held`` ones) and of ``nodes`` computed
+    from it, with what they read.
+
+    Raises CanonizationError if the run fails (an op without symbolic shape support, an input
+    without recorded shape)."""
+
+    def __init__(self, gm: GraphModule, start: Node, nodes: Iterable[Node], free_ones: bool = True,
+                 held: tuple[int, ...] = (1,)) -> None:
+        self.env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
+        mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
+        device = next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu"))
+        downstream = {start}
+        for node in gm.graph.nodes:
+            if node.op != "output" and any(arg in downstream for arg in node.all_input_nodes):
+                downstream.add(node)
+
+        def seed(node: Node, fixed: tuple[int, ...]) -> Tensor:
+            meta = node.meta.get("tensor_meta")
+            if not hasattr(meta, "shape"):
+                raise CanonizationError(f"{node.name}: no recorded shape")
+            sizes = [DimDynamic.STATIC if d in fixed else DimDynamic.DYNAMIC for d in range(len(meta.shape))]
+            # ``free_ones``: a free size recorded as 1 gets the hint 2 (fake tensors take a size 1 as a
+            # constant); without, it stays the constant 1
+            shape = [2 if free_ones and n == 1 and d not in fixed else n for d, n in enumerate(meta.shape)]
+            return mode.from_tensor(torch.empty(shape, dtype=meta.dtype, device=device),
+                                    symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+        def seeded(node: Node) -> bool:  # a value of its own: read from the model, or free sizes
+            return node.op in ("get_attr", "placeholder") or (node not in downstream and _recorded(node))
+
+        self.values: dict[Node, Any] = {start: seed(start, held)}
+        needed, pending = set(), [n for n in nodes if n is not start]
+        while pending:
+            node = pending.pop()
+            if node not in needed:
+                needed.add(node)
+                if not seeded(node):
+                    pending.extend(arg for arg in node.all_input_nodes if arg is not start)
+        interpreter = Interpreter(gm)
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        try:
+            for node in sorted(needed, key=order.__getitem__):
+                if node.op == "get_attr":
+                    self.values[node] = get_attr_value(gm, node.target)
+                elif seeded(node):
+                    self.values[node] = seed(node, ())
+                elif _resamples(gm, node):  # its size rule would take every size as a constant (float math)
+                    self.values[node] = seed(node, (1,))
+                    with mode:
+                        torch._check(self.values[node].shape[0] == self.values[call_input(node)].shape[0])
+                else:
+                    args, kwargs = map_arg((node.args, node.kwargs), self.values.__getitem__)
+                    with mode:
+                        self.values[node] = getattr(interpreter, node.op)(node.target, args, kwargs)
+        except CanonizationError:
+            raise
+        except Exception as error:
+            raise CanonizationError(f"symbolic shapes: {type(error).__name__}: {error}") from error
+
+    def _expr(self, size: Any) -> Any:
+        if isinstance(size, sympy.Basic):
+            return size
+        return self.env.simplify(size.node.expr) if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+    def expr_varies(self, size: Any) -> bool:
+        """True if ``size`` (an int, SymInt or sympy expression) depends on the input sizes."""
+        expr = self._expr(size)
+        if not expr.free_symbols:
+            return False
+        known = self.env._maybe_evaluate_static(sympy.Eq(expr, self.env.guarding_hint_or_throw(expr)))
+        return known is not sympy.true
+
+    def sizes(self, node: Node) -> tuple[Any, ...] | None:
+        """The symbolic sizes of a tensor ``node`` (sympy expressions), None if it is no tensor."""
+        value = self.values.get(node)
+        return tuple(self._expr(d) for d in value.shape) if isinstance(value, Tensor) else None
+
+    def varying(self, node: Node) -> tuple[bool, ...] | tuple[tuple[bool, ...], ...]:
+        """Per dim of ``node``'s tensor (per tensor of a tuple of tensors): whether its size varies."""
+        value = self.values.get(node)
+        if isinstance(value, (tuple, list)):
+            return tuple(tuple(self.expr_varies(d) for d in v.shape) if isinstance(v, Tensor) else () for v in value)
+        return tuple(self.expr_varies(d) for d in value.shape) if isinstance(value, Tensor) else ()
+
+    def value_varies(self, node: Node) -> bool:
+        """True if the non-tensor value of ``node`` (a size, a tuple of sizes) depends on the input sizes."""
+        value = self.values.get(node)
+        values = value if isinstance(value, (tuple, list, torch.Size)) else (value,)
+        return any(isinstance(v, torch.SymInt) and self.expr_varies(v) for v in values)
+
+    def equal(self, a: Any, b: Any) -> bool:
+        """True if two size expressions are equal wherever the run's conditions hold."""
+        return sympy.expand(a - b) == 0 or \
+            self.env._maybe_evaluate_static(sympy.Eq(a, b)) is sympy.true
+
+    def hint(self, expr: Any) -> int:
+        return int(self.env.guarding_hint_or_throw(expr))
