@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import sympy
 import torch
@@ -263,14 +263,14 @@ class _ConePropagation:
         self.handled: set[Node] = set()
 
     def _meta_shape(self, node: Node) -> tuple[int, ...]:
-        meta = node.meta.get("tensor_meta")
-        if not hasattr(meta, "shape"):
+        shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+        if shape is None:
             raise _Stop(f"{node.name}: no recorded shape (pass example_inputs)")
-        if not all(isinstance(d, int) for d in meta.shape):
+        if not all(isinstance(d, int) for d in shape):
             raise _Stop(f"{node.name}: symbolic shape, features not followed")
-        return tuple(meta.shape)
+        return tuple(shape)
 
-    def _varying(self, node: Node) -> tuple[Any, ...]:
+    def _varying(self, node: Any) -> tuple[Any, ...]:
         return self.cone.varying(node) if self.cone is not None else ()
 
     def run(self) -> list[Sink]:
@@ -319,7 +319,7 @@ class _ConePropagation:
         path = self.paths[cone_args[0]]
         if all(reads_only_metadata(node, arg) for arg in cone_args):
             return
-        if node.op == "call_module" and has_hooks(self.gm.get_submodule(node.target)):
+        if node.op == "call_module" and has_hooks(self.gm.get_submodule(str(node.target))):
             raise _Stop(f"{node.name} has forward hooks")
         view = linear_view(self.gm, node, self.graph_params)
         if view is not None and cone_args == [view.input]:
@@ -342,7 +342,7 @@ class _ConePropagation:
         if VALUE_KEY in node.meta:
             return node.meta[VALUE_KEY]
         if node.op == "get_attr":  # a constant index (index_select)
-            value = get_attr_value(self.gm, node.target)
+            value = get_attr_value(self.gm, str(node.target))
             if isinstance(value, Tensor) and not value.is_floating_point():
                 return value
         if joins and hasattr(node.meta.get("tensor_meta"), "shape"):
@@ -356,7 +356,7 @@ class _ConePropagation:
         if kind is None:
             raise _Stop(f"{node.name} ({node.op} {_target_name(node.target)}) mixes features non-linearly")
         if kind == "cast":
-            return self.ids[node.args[0]]
+            return self.ids[cast(Node, node.args[0])]
         if self.cone is not None:
             self._check_sizes(node)
         joins = node.target in _JOINS
@@ -387,8 +387,10 @@ class _ConePropagation:
 
     def _check_sizes(self, node: Node) -> None:
         """Refuse ``node`` where its feature map could depend on sizes that vary (module docstring)."""
+        cone = self.cone
+        assert cone is not None
         if _is_reshape(self.gm, node):
-            self._check_reshape(node)
+            self._check_reshape(node, cone)
             return
         if node.target in ("roll", torch.roll) and bind_args(node, ("input", "shifts", "dims")).get("dims") is None:
             raise _Stop(f"{node.name}: rolls the flattened tensor")
@@ -398,11 +400,11 @@ class _ConePropagation:
             dims = range(len(varying)) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
             if any(varying[d] for d in dims if isinstance(d, int)):  # its rank would depend on the size
                 raise _Stop(f"{node.name}: squeezes a size that varies with the input")
-        if any(arg not in self.ids and self.cone.value_varies(arg) for arg in node.all_input_nodes) and \
-                not self._varies_varying_dims_only(node):
+        if any(arg not in self.ids and cone.value_varies(arg) for arg in node.all_input_nodes) and \
+                not self._varies_varying_dims_only(node, cone):
             raise _Stop(f"{node.name}: an argument varies with the input size")
 
-    def _varies_varying_dims_only(self, node: Node) -> bool:
+    def _varies_varying_dims_only(self, node: Node, cone: SymbolicCone) -> bool:
         """True if the arguments of ``node`` that vary act on dims of its input that vary (the ids
         are constant along those): repeat and expand counts, narrow and slice bounds."""
         if node.op == "call_method" and node.target in _SIZED_METHODS:
@@ -420,19 +422,20 @@ class _ConePropagation:
                     dim = len(varying) - sum(i is not None and i is not Ellipsis for i in index[k + 1:])
                 elif item is not None:
                     parts = (item.start, item.stop, item.step) if isinstance(item, slice) else (item,)
-                    if any(isinstance(p, Node) and self.cone.value_varies(p) for p in parts) and \
+                    if any(isinstance(p, Node) and cone.value_varies(p) for p in parts) and \
                             not (0 <= dim < len(varying) and varying[dim] is True):
                         return False
                     dim += 1
             return True
         return False
 
-    def _check_reshape(self, node: Node) -> None:
+    def _check_reshape(self, node: Node, cone: SymbolicCone) -> None:
         source = node.args[0] if node.args else None
-        if source not in self.ids:
+        if not isinstance(source, Node) or source not in self.ids:
             raise _Stop(f"{node.name}: reshapes another tensor like the BatchNorm's output")
-        cone, ids = self.cone, self.ids[source]
-        ins, outs = cone.sizes(source), cone.sizes(node)
+        ids, ins, outs = self.ids[source], cone.sizes(source), cone.sizes(node)
+        if ins is None or outs is None:
+            raise _Stop(f"{node.name}: no symbolic sizes")
         for group_in, group_out in _reshape_groups(node.name, cone, ins, outs):
             out_varies = any(cone.expr_varies(outs[d]) for d in group_out)
             if len(group_in) == 1 and len(group_out) == 1 or all(_constant_along(ids, d) for d in group_in) or \
@@ -446,9 +449,9 @@ class _ConePropagation:
 
     def _runner(self, node: Node) -> Any:
         if node.op == "call_module":
-            return self.gm.get_submodule(node.target)
+            return self.gm.get_submodule(str(node.target))
         if node.op == "call_method":
-            return lambda self_, *a, **k: getattr(self_, node.target)(*a, **k)
+            return lambda self_, *a, **k: getattr(self_, str(node.target))(*a, **k)
         return node.target
 
     def _kind(self, node: Node) -> str | None:
@@ -474,7 +477,7 @@ class _ConePropagation:
                 return None if bind_args(node, names).get("return_indices", False) else "max"
             return None
         if node.op == "call_module":
-            module = self.gm.get_submodule(node.target)
+            module = self.gm.get_submodule(str(node.target))
             if isinstance(module, _MOVE_MODULES) or (isinstance(module, _DROPOUT_MODULES) and not module.training):
                 return "move"
             if isinstance(module, _AVERAGE_MODULES):
@@ -507,7 +510,7 @@ def _constant_along(ids: Tensor, dim: int) -> bool:
 
 def _is_reshape(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _RESHAPE_MODULES)
+        return isinstance(gm.get_submodule(str(node.target)), _RESHAPE_MODULES)
     return node.target in (_RESHAPE_METHODS if node.op == "call_method" else _RESHAPE_FUNCTIONS)
 
 

@@ -34,7 +34,7 @@ def is_norm_call(gm: GraphModule, node: Node) -> bool:
         return function_kind(node.target) is not None or node.target in _UNREAD_FUNCTIONS
     if node.op != "call_module":
         return False
-    module = gm.get_submodule(node.target)
+    module = gm.get_submodule(str(node.target))
     return isinstance(module, _NORM_MODULES) or module_kind(module) is not None
 
 
@@ -46,7 +46,7 @@ def _per_sample(module: nn.Module) -> bool:
 
 def _per_sample_call(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
-        return _per_sample(gm.get_submodule(node.target))
+        return _per_sample(gm.get_submodule(str(node.target)))
     found = function_kind(node.target) if node.op == "call_function" else None
     if found is None or found[0].flag_is_training:
         return False
@@ -64,7 +64,7 @@ def _unread_reason(gm: GraphModule, node: Node) -> Refusal:
     if _per_sample_call(gm, node):
         return INSTANCE_NORM.without_statistics
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = gm.get_submodule(str(node.target))
         return Refusal(UNREAD, f"{type(module).__name__} is not a norm type fxcanon reads "
                                "(register it with fxcanon.register_norm, or trace through it)")
     name = getattr(node.target, "__name__", node.target)
@@ -90,7 +90,7 @@ def _inner_norms(module: nn.Module, prefix: str) -> Iterator[tuple[str, Refusal]
                 yield f"{prefix}.{node.name}", INSTANCE_NORM.without_statistics if _per_sample_call(module, node) \
                     else Refusal(INSIDE, "inside a nested GraphModule (canonicalize it on its own)")
             elif node.op == "call_module":
-                yield from _inner_norms(module.get_submodule(node.target), f"{prefix}.{node.target}")
+                yield from _inner_norms(module.get_submodule(str(node.target)), f"{prefix}.{node.target}")
         return
     for name, child in module.named_modules():
         if name and (isinstance(child, _NORM_MODULES) or module_kind(child) is not None):
@@ -106,5 +106,5 @@ def record_unread(gm: GraphModule, report: Report) -> None:
                 report.entry(node.name, str(node.target) if node.op == "call_module" else node.name).refusals = \
                     [_unread_reason(gm, node)]
         elif node.op == "call_module":
-            for name, refusal in _inner_norms(gm.get_submodule(node.target), str(node.target)):
+            for name, refusal in _inner_norms(gm.get_submodule(str(node.target)), str(node.target)):
                 report.entry(name, name).refusals = [refusal]

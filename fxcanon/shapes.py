@@ -87,9 +87,9 @@ def _placeholder_spec(gm: GraphModule, placeholder: Node) -> tuple[int, int, Ten
             if user in seen:
                 continue
             seen.add(user)
-            if user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.Embedding) and \
-                    user.args and user.args[0] is node:
-                return 2, -1, gm.get_submodule(user.target).weight.new_empty(0, dtype=torch.long)
+            module = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+            if isinstance(module, nn.Embedding) and user.args and user.args[0] is node:
+                return 2, -1, module.weight.new_empty(0, dtype=torch.long)
             view = linear_view(gm, user)
             if view is not None and view.input is node:
                 rank = view.batched_rank if view.spatial_dims else 2
@@ -109,8 +109,9 @@ def record_hint_shapes(gm: GraphModule) -> bool:
     if HINTED_KEY in gm.meta:
         return gm.meta[HINTED_KEY]
     gm.meta[HINTED_KEY] = False
-    specs = [_placeholder_spec(gm, n) for n in gm.graph.nodes if n.op == "placeholder"]
-    if not specs or any(spec is None for spec in specs):
+    found = [_placeholder_spec(gm, n) for n in gm.graph.nodes if n.op == "placeholder"]
+    specs = [spec for spec in found if spec is not None]
+    if not specs or len(specs) != len(found):
         return False
     for side in HINT_SIZES:
         inputs = [like.new_zeros(_HINT_BATCH, _HINT_LENGTH) if channels < 0 else
@@ -126,7 +127,7 @@ def record_hint_shapes(gm: GraphModule) -> bool:
 
 def _resamples(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), RESAMPLE_MODULES)
+        return isinstance(gm.get_submodule(str(node.target)), RESAMPLE_MODULES)
     return node.op == "call_function" and node.target in RESAMPLE_FUNCTIONS
 
 
@@ -153,7 +154,7 @@ class SymbolicCone:
 
         def seed(node: Node, fixed: tuple[int, ...]) -> Tensor:
             meta = node.meta.get("tensor_meta")
-            if not hasattr(meta, "shape"):
+            if meta is None or not hasattr(meta, "shape"):
                 raise CanonizationError(f"{node.name}: no recorded shape")
             sizes = [DimDynamic.STATIC if d in fixed else DimDynamic.DYNAMIC for d in range(len(meta.shape))]
             # ``free_ones``: a free size recorded as 1 gets the hint 2 (fake tensors take a size 1 as a
@@ -178,7 +179,7 @@ class SymbolicCone:
         try:
             for node in sorted(needed, key=order.__getitem__):
                 if node.op == "get_attr":
-                    self.values[node] = get_attr_value(gm, node.target)
+                    self.values[node] = get_attr_value(gm, str(node.target))
                 elif seeded(node):
                     self.values[node] = seed(node, ())
                 elif _resamples(gm, node):  # its size rule would take every size as a constant (float math)

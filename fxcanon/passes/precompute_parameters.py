@@ -50,7 +50,8 @@ class _Constants:
     ``get_attr`` nodes and pure ops (no in-place op, no random op, no module call) of such nodes."""
 
     def __init__(self, gm: GraphModule) -> None:
-        self.gm, self.memo = gm, {}
+        self.gm = gm
+        self.memo: dict[Node, bool] = {}
         for node in gm.graph.nodes:  # in order: each node's inputs are decided before it
             self(node)
 
