@@ -40,8 +40,8 @@ from torch.fx.node import map_arg
 
 from .errors import CanonizationError
 from .shapes import HINTED_KEY, RESAMPLE_FUNCTIONS, RESAMPLE_MODULES, VALUE_KEY, SymbolicCone, record_hint_shapes
-from .views import (PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args, constant_pad_view,
-                    _DROPOUT_MODULES, get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
+from .views import (_DROPOUT_MODULES, PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args,
+                    constant_pad_view, get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
 
 _CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
 # Ops that move or copy elements without mixing them (every output is one input element): they
@@ -297,7 +297,7 @@ class _ConePropagation:
                                           if arg in reached):
                     continue
                 view = linear_view(self.gm, node, self.graph_params)
-                if view is not None and view.input in reached or constant_pad_view(self.gm, node) is not None:
+                if (view is not None and view.input in reached) or constant_pad_view(self.gm, node) is not None:
                     continue
                 if node.op == "output":
                     raise _Stop("the BatchNorm's output reaches the model output")
@@ -334,7 +334,7 @@ class _ConePropagation:
             self.handled.add(conv.node)
             return
         self.ids[node] = self._propagate(node)
-        self.paths[node] = path + (node.name,)
+        self.paths[node] = (*path, node.name)
 
     def _lookup(self, node: Node, joins: bool) -> Any:
         if node in self.ids:
@@ -438,12 +438,13 @@ class _ConePropagation:
             raise _Stop(f"{node.name}: no symbolic sizes")
         for group_in, group_out in _reshape_groups(node.name, cone, ins, outs):
             out_varies = any(cone.expr_varies(outs[d]) for d in group_out)
-            if len(group_in) == 1 and len(group_out) == 1 or all(_constant_along(ids, d) for d in group_in) or \
-                    not out_varies and not any(cone.expr_varies(ins[d]) for d in group_in):
+            if (len(group_in) == 1 and len(group_out) == 1) or all(_constant_along(ids, d) for d in group_in) or \
+                    (not out_varies and not any(cone.expr_varies(ins[d]) for d in group_in)):
                 continue
             # features vary along some input dims: the output dims must not vary, and where such a
             # dim ``d`` lands (flat index // the product of the sizes after it) must not either
-            if out_varies or any(not _constant_along(ids, d) and cone.expr_varies(sympy.Mul(*(ins[e] for e in group_in[k:])))
+            if out_varies or any(not _constant_along(ids, d) and
+                                 cone.expr_varies(sympy.Mul(*(ins[e] for e in group_in[k:])))
                                  for k, d in enumerate(group_in)):
                 raise _Stop(f"{node.name}: merges or splits features with a size that varies with the input")
 

@@ -33,11 +33,11 @@ import torch
 from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .shapes import VALUE_KEY
 from .canonicalize import run_passes
 from .folders import GraphFolder
 from .passes import FoldBatchNormBackward, FoldBatchNormForward, FoldBatchNormThroughReLU
 from .report import REPORT_KEY, Report
+from .shapes import VALUE_KEY
 
 
 def _record_shapes(gm: GraphModule) -> None:

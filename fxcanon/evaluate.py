@@ -160,8 +160,8 @@ class Results:
             rows.setdefault((r["explainer"], r["image"]), {})[r["canonized"]] = r
         names = list(dict.fromkeys(name for name, _ in rows))
         columns = [c for c in self.columns if any(np.isfinite(r.get(c, np.nan)) for r in self.records)]
-        lines = ["| canonized better on | " + " | ".join(f"{COLUMNS[c].arrow} {COLUMNS[c].name}" for c in columns) + " |",
-                 "|---" * (1 + len(columns)) + "|"]
+        header = " | ".join(f"{COLUMNS[c].arrow} {COLUMNS[c].name}" for c in columns)
+        lines = [f"| canonized better on | {header} |", "|---" * (1 + len(columns)) + "|"]
         for n in names:
             cells = []
             for c in columns:
@@ -173,7 +173,8 @@ class Results:
         return "\n".join(lines)
 
     def save(self, out: str | Path, prefix: str = "") -> list[Path]:
-        """Write ``table.md`` (means, then the share of images canonization improves), ``scores.csv`` (one row per image), ``scores.json`` and ``pixel_flipping.png``."""
+        """Write ``table.md`` (means, then the share of images canonization improves), ``scores.csv``
+        (one row per image), ``scores.json`` and ``pixel_flipping.png``."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / f"{prefix}table.md", out / f"{prefix}scores.csv", out / f"{prefix}scores.json",

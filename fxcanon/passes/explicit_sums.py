@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
-from torchvision.ops import stochastic_depth
 from torch.fx.passes.infra.pass_base import PassResult
+from torchvision.ops import stochastic_depth
 
 from ..modules import Sum
 from ..mutation import returns_fresh

@@ -11,10 +11,10 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..inventory import is_batchnorm_call
+from ..kinds import function_kind
 from ..mutation import mutated_args
 from ..report import NOT_CONSTANT, PRECOMPUTED, Fold, Refusal
 from ..rewrite import build_layer, finish, fresh_name, install_layer, layer_tensors
-from ..kinds import function_kind
 from ..views import bind_args, linear_view
 from ._base import CanonizationPass
 
