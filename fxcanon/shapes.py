@@ -44,9 +44,9 @@ RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
 RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 VALUE_KEY = "fxcanon_value"  # non-tensor results recorded by shape propagation
 HINTED_KEY = "fxcanon_hinted"  # gm.meta: inputs were made for it once (True if they ran)
-# side lengths tried for spatial axes when no example inputs are given (the Relation Network with
-# unpadded convolutions accepts only 127 and 128)
-HINT_SIZES = (64, 128, 127, 224, 299, 32)
+# side lengths tried for spatial axes when no example inputs are given, the cheapest first (the
+# Relation Network with unpadded convolutions accepts only 127 and 128; Inception needs 75 or more)
+HINT_SIZES = (32, 64, 128, 127, 224, 299)
 _HINT_BATCH, _HINT_LENGTH = 2, 8
 
 
