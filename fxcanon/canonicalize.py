@@ -25,16 +25,20 @@ _MAX_ROUNDS = 8
 def run_passes(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: int = _MAX_ROUNDS) -> GraphModule:
     """Run ``passes`` in order, again while any of them changes the graph (a fold can enable another).
 
-    Like ``torch.fx.passes.infra.PassManager`` with ``steps``, without regenerating code after
-    passes that changed nothing (codegen dominated canonicalization time that way).
+    Like ``torch.fx.passes.infra.PassManager`` with ``steps``, but regenerating code once, after
+    the last pass, rather than after every pass (codegen dominated canonicalization time that way).
     """
+    changed = False
     for _ in range(max_rounds):
         modified = False
         for canon_pass in passes:
-            result = canon_pass(gm)
+            result = canon_pass.run(gm)
             gm, modified = result.graph_module, modified or result.modified
+        changed = changed or modified
         if not modified:
             break
+    if changed:
+        gm.recompile()
     return gm
 
 

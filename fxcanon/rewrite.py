@@ -140,7 +140,8 @@ _OWN_FUNCTIONS = {batchnorm_affine, fused_output, fused_input, relu_factorizatio
 
 def finish(gm: GraphModule, modified: bool) -> None:
     """After a pass: drop unused ``get_attr`` nodes and unused fold computations the pass emitted;
-    if it changed the graph, drop modules no longer called and regenerate code.
+    if it changed the graph, check it and drop modules no longer called (the caller regenerates
+    code: ``CanonizationPass.__call__``, ``run_passes``).
 
     Only nodes the passes orphaned go: a general dead-code sweep would also drop in-place
     calls whose results are unused.
@@ -156,7 +157,6 @@ def finish(gm: GraphModule, modified: bool) -> None:
         return
     gm.graph.lint()
     gm.delete_all_unused_submodules()
-    gm.recompile()
 
 
 def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, rule: str | None = None) -> Fold:
