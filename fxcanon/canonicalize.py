@@ -17,6 +17,7 @@ from .errors import CanonizationError
 from .inventory import record_unread
 from .passes import DEFAULT_PASSES, CanonizationPass, ordered
 from .report import REPORT_KEY, Report
+from .rewrite import regenerate
 
 
 _MAX_ROUNDS = 8
@@ -38,7 +39,7 @@ def run_passes(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: 
         if not modified:
             break
     if changed:
-        gm.recompile()
+        regenerate(gm)
     return gm
 
 

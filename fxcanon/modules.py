@@ -85,7 +85,19 @@ def conv_bias_map(x: Tensor, bias_kernel: Tensor | None, pad_kernel: Tensor | No
     return responses[0] if len(responses) == 1 else responses[0] + responses[1]
 
 
-class _BiasMapMixin:
+class _FusedLayer:
+    """What every fused layer shares with the standard layer it subclasses, but initialization on
+    the meta device: tensors there hold no data (``fxcanon.rewrite.build_layer`` builds a layer
+    there, then gives it every parameter)."""
+
+    weight: nn.Parameter
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()  # type: ignore[misc]
+
+
+class _BiasMapMixin(_FusedLayer):
     """Adds ``bias_map(x)`` (see module docstring) to a convolution-like layer."""
 
     bias_kernel: nn.Parameter | None
@@ -191,7 +203,7 @@ class Gate(nn.Module):
         return signal * gate
 
 
-class FusedLinear(nn.Linear):
+class FusedLinear(_FusedLayer, nn.Linear):
     """An ``nn.Linear`` whose weight and bias absorbed one or more BatchNorms."""
 
 

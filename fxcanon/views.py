@@ -333,11 +333,14 @@ def check_batchnorm(bn: BatchNormView, allow_training: bool) -> str | None:
         return "training mode: normalizes with batch statistics"
     if not (isinstance(bn.eps, (int, float)) and math.isfinite(bn.eps) and bn.eps >= 0):
         raise CanonizationError(f"BatchNorm {bn.name!r} has eps={bn.eps}: it must be a finite number >= 0")
-    for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
-                          ("weight", bn.weight), ("bias", bn.bias)):
-        if tensor is not None and not torch.isfinite(tensor).all():
-            raise CanonizationError(f"BatchNorm {bn.name!r} has NaN or Inf in its {label}")
-    if bool((bn.running_var.double() + bn.eps <= 0).any()):
+    named = [(label, tensor) for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
+                                                   ("weight", bn.weight), ("bias", bn.bias)) if tensor is not None]
+    device = bn.running_var.device
+    if not torch.isfinite(torch.cat([tensor.reshape(-1).to(device) for _, tensor in named])).all():
+        label = next(label for label, tensor in named if not torch.isfinite(tensor).all())
+        raise CanonizationError(f"BatchNorm {bn.name!r} has NaN or Inf in its {label}")
+    # the smallest variance decides: adding eps in float64 keeps the order of finite values
+    if bn.running_var.numel() and float(bn.running_var.min()) + bn.eps <= 0:
         raise CanonizationError(f"BatchNorm {bn.name!r} has running_var + eps <= 0")
     return None
 

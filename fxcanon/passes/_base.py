@@ -11,6 +11,7 @@ from ..affine import Guard
 from ..folders import Affine, GraphFolder, ModuleFolder
 from ..guards import insert_guard
 from ..report import Entry, Report
+from ..rewrite import regenerate
 from ..views import BatchNormView, batchnorm_view, has_hooks
 
 
@@ -28,15 +29,15 @@ class CanonizationPass(PassBase):
         self.folder = folder if folder is not None else ModuleFolder()
 
     def __call__(self, graph_module: GraphModule) -> PassResult:
-        """Run the pass, then regenerate the module's code if the graph changed (as
-        ``torch.fx.passes.infra.PassManager`` does after each pass)."""
+        """Run the pass, then drop unused modules and regenerate code if the graph changed (as
+        ``torch.fx.passes.infra.PassManager`` regenerates after each pass)."""
         result = self.run(graph_module)
         if result.modified:
-            result.graph_module.recompile()
+            regenerate(result.graph_module)
         return result
 
     def run(self, graph_module: GraphModule) -> PassResult:
-        """Run the pass (with its ``requires``/``ensures`` checks) without regenerating code:
+        """Run the pass (with its ``requires``/``ensures`` checks) and leave the module as it is:
         :func:`fxcanon.canonicalize.run_passes` regenerates it once after all passes."""
         return super().__call__(graph_module)
 
