@@ -78,9 +78,11 @@ def _sole_use(gm: GraphModule, node: Node) -> bool:
     """True if ``node`` is the only place the graph uses its module (or anything inside it)."""
     target, inside = str(node.target), f"{node.target}."
     graph = gm.graph
-    return not any(n is not node and (n.target == target or str(n.target).startswith(inside))
-                   for n in graph.find_nodes(op="call_module", sort=False)) \
-        and not any(str(n.target).startswith(inside) for n in graph.find_nodes(op="get_attr", sort=False))
+    if graph.find_nodes(op="call_module", target=target, sort=False) != [node] or \
+            any(str(n.target).startswith(inside) for n in graph.find_nodes(op="get_attr", sort=False)):
+        return False
+    return next(gm.get_submodule(target).children(), None) is None or \
+        not any(str(n.target).startswith(inside) for n in graph.find_nodes(op="call_module", sort=False))
 
 
 def _own_container(gm: GraphModule, target: str) -> nn.Module | None:

@@ -255,10 +255,15 @@ class BatchNormView:
         return ranks[0] if ranks is not None and len(ranks) == 1 else None
 
 
-def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False) -> BatchNormView | None:
-    """View ``node`` as a BatchNorm, or None if it is not one (``graph_params``: see ``_param``)."""
+def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False,
+                   modules: dict[str, nn.Module] | None = None) -> BatchNormView | None:
+    """View ``node`` as a BatchNorm, or None if it is not one (``graph_params``: see ``_param``).
+
+    ``modules``: ``dict(gm.named_modules())`` when the caller has it (a sweep over the graph that
+    folds as it goes replaces layers, never BatchNorms; a module call not in it is no BatchNorm).
+    """
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = gm.get_submodule(node.target) if modules is None else modules.get(node.target)
         if type(module) not in _BATCHNORM_MODULES or not isinstance(call_input(node), Node):
             return None
         return BatchNormView(

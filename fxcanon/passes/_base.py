@@ -56,9 +56,9 @@ class CanonizationPass(PassBase):
         ``reverse`` visits the last BatchNorm first (so ``BN -> BN -> conv`` folds in one sweep).
         Raises CanonizationError for training mode (unless allowed) and non-finite statistics.
         """
-        nodes = list(gm.graph.nodes)
+        nodes, modules = list(gm.graph.nodes), dict(gm.named_modules())
         for node in reversed(nodes) if reverse else nodes:
-            bn = batchnorm_view(gm, node, self.folder.graph_params)
+            bn = batchnorm_view(gm, node, self.folder.graph_params, modules)
             if bn is None:
                 continue
             entry = self.report.entry(node.name, bn.name)
