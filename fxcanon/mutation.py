@@ -120,10 +120,13 @@ def mutated_args(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | No
 
 def returns_fresh(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None = None) -> bool:
     """True if ``node`` returns a tensor that aliases none of its arguments."""
+    return not mutated_args(gm, node, modules) and _fresh_op(gm, node, modules)
+
+
+def _fresh_op(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None) -> bool:
+    """True if ``node``'s op returns a new tensor, unless it changes an argument in place."""
     if node.op in ("get_attr", "output"):
         return True
-    if mutated_args(gm, node, modules):
-        return False
     if node.op == "call_function":
         return node.target in _FRESH_FUNCTIONS
     if node.op == "call_method":
@@ -132,6 +135,18 @@ def returns_fresh(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | N
         module = modules[node.target] if modules is not None else gm.get_submodule(str(node.target))
         return isinstance(module, _FRESH_MODULES) or (isinstance(module, nn.ReLU) and not module.inplace)
     return False
+
+
+class _Submodules(dict):
+    """``gm``'s submodules by name, each looked up when first asked for."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def __missing__(self, target: str) -> nn.Module:
+        self[target] = module = self.gm.get_submodule(target)
+        return module
 
 
 class AliasAnalysis:
@@ -146,12 +161,13 @@ class AliasAnalysis:
     def __init__(self, gm: GraphModule) -> None:
         self.gm = gm
         self._effects: dict[Node, tuple[list[Node], bool]] = {}
+        self._modules = _Submodules(gm)
 
     def _effect(self, node: Node) -> tuple[list[Node], bool]:
         """The arguments ``node`` changes in place, and whether its result may alias its arguments."""
         if node not in self._effects:
-            mutated = mutated_args(self.gm, node)
-            self._effects[node] = mutated, bool(mutated) or not returns_fresh(self.gm, node)
+            mutated = mutated_args(self.gm, node, self._modules)
+            self._effects[node] = mutated, bool(mutated) or not _fresh_op(self.gm, node, self._modules)
         return self._effects[node]
 
     def alias_class(self, value: Node) -> set[Node]:
