@@ -31,7 +31,7 @@ from torch import nn
 from torch.fx import symbolic_trace
 from torch.fx.experimental.optimization import fuse
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's fxcanon
 from results import write_section  # noqa: E402
 
 from fxcanon import canonicalize  # noqa: E402
