@@ -1,13 +1,17 @@
 """Canonicalize vs torch.fx's fuse: time, BatchNorms left, peak memory, inference latency.
 
-    python benchmarks/bench_canonicalize.py                      # the full table (slow on 2 cores)
-    python benchmarks/bench_canonicalize.py --models resnet18 --repeats 5 --no-write
+    OMP_NUM_THREADS=1 python benchmarks/bench_canonicalize.py --threads 1   # the full table
+    python benchmarks/bench_canonicalize.py --models resnet18 --repeats 5 --latency-models --no-write
 
-Prints a Markdown table and (unless --no-write) writes it to benchmarks/RESULTS.md, section
-"canonicalize", with the machine and versions. Alternatives, side by side in the same run:
-the unfused model, ``torch.fx.experimental.optimization.fuse``, fxcanon with and without explicit
-sums, gates and pooling modules (the LRP form), and the lower bound: the same model with every BatchNorm replaced by identity (not
-equivalent to the model, only the speed a perfect fold can reach).
+Prints Markdown tables and (unless --no-write) writes them to benchmarks/RESULTS.md, section
+"canonicalize", with the machine and versions. Canonicalization time compares, in interleaved
+rounds (one call of each per round, so that other load on the machine hits them alike):
+``symbolic_trace(model)`` alone; ``canonicalize(symbolic_trace(model))`` without example inputs,
+the trace included; the same with one example input; and ``torch.fx.experimental.optimization.fuse(model)``,
+which deep-copies and traces the model itself. Inference latency compares the unfused model,
+``fuse``, fxcanon with and without explicit sums, gates and pooling modules (the LRP form), and the
+lower bound: the same model with every BatchNorm replaced by identity (not equivalent to the model,
+only the speed a perfect fold can reach).
 """
 
 from __future__ import annotations
@@ -24,16 +28,31 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.fx import symbolic_trace
 from torch.fx.experimental.optimization import fuse
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's fxcanon
 from results import write_section  # noqa: E402
 
 from fxcanon import canonicalize  # noqa: E402
 from fxcanon.passes import FOLD_PASSES  # noqa: E402
-from fxcanon.zoo import ZOO, build, count_batchnorms  # noqa: E402
+from fxcanon.zoo import ZOO, build, count_batchnorms, example_inputs  # noqa: E402
 
 LATENCY_MODELS = ["resnet18", "resnet50", "vgg16_bn", "densenet121", "efficientnet_b0", "mobilenet_v2"]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function over ``repeats`` rounds that call every function once, in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -82,15 +101,18 @@ print((status("VmHWM") - before) / 1024)
 
 def canonicalize_row(name: str, repeats: int, size: int) -> dict[str, object]:
     model = build(name)
-    x = torch.randn(1, 3, size, size)
-    row: dict[str, object] = {"model": name, "BN": count_batchnorms(torch.fx.symbolic_trace(model))}
-    row["fuse s"] = median_seconds(lambda: fuse(model), repeats, warmup=1)
-    row["fxcanon s"] = median_seconds(lambda: canonicalize(model), repeats, warmup=1)
-    row["fxcanon+inputs s"] = median_seconds(lambda: canonicalize(model, (x,)), repeats, warmup=1)
-    row["speedup vs fuse"] = row["fuse s"] / row["fxcanon s"]
-    row["BN left: fuse"] = count_batchnorms(torch.fx.symbolic_trace(fuse(model)))
+    x = example_inputs(model, name, size)
+    row: dict[str, object] = {"model": name, "BN": count_batchnorms(symbolic_trace(model))}
+    row.update(interleaved_medians({
+        "trace s": lambda: symbolic_trace(model),
+        "fxcanon s": lambda: canonicalize(symbolic_trace(model)),
+        "fxcanon+inputs s": lambda: canonicalize(symbolic_trace(model), x),
+        "fuse s": lambda: fuse(model),
+    }, repeats))
+    row["fxcanon / fuse"] = row["fxcanon s"] / row["fuse s"]
+    row["BN left: fuse"] = count_batchnorms(symbolic_trace(fuse(model)))
     row["BN left: fxcanon"] = count_batchnorms(canonicalize(model))
-    row["BN left: fxcanon+inputs"] = count_batchnorms(canonicalize(model, (x,)))
+    row["BN left: fxcanon+inputs"] = count_batchnorms(canonicalize(model, x))
     row["peak MiB: fuse"] = peak_memory_mib(name, "fuse")
     row["peak MiB: fxcanon"] = peak_memory_mib(name, "fxcanon")
     return row
@@ -120,8 +142,8 @@ def markdown(rows: list[dict[str, object]]) -> str:
     def cell(key: str, value: object) -> str:
         if "vs bound" in key:
             return f"{value:+.1%}"
-        if "speedup" in key:
-            return f"{value:.1f}x"
+        if key == "fxcanon / fuse":
+            return f"{value:.2f}"
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -144,9 +166,12 @@ def main() -> None:
     rows = []
     for i, name in enumerate(args.models, 1):
         print(f"[canonicalize {i}/{len(args.models)}] {name}", file=sys.stderr, flush=True)
-        rows.append(canonicalize_row(name, max(3, args.repeats // 3), args.size))
-    sections.append(("Canonicalize time, BatchNorms left, peak extra memory "
-                     "(fxcanon without example inputs, as fuse; +inputs: with one 224x224 example)", rows))
+        rows.append(canonicalize_row(name, args.repeats, args.size))
+    if rows:
+        sections.append((f"Canonicalize time (median of {args.repeats} interleaved rounds, seconds), BatchNorms left, "
+                         f"peak extra memory; fxcanon: canonicalize(symbolic_trace(model)), the trace included, "
+                         f"without example inputs (as fuse) and with one {args.size}x{args.size} example (+inputs)",
+                         rows))
     latency = []
     for name in args.latency_models:
         for batch in (1, 8):

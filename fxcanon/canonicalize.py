@@ -14,6 +14,7 @@ from .errors import CanonizationError
 from .inventory import record_unread
 from .passes import DEFAULT_PASSES, CanonizationPass, ordered
 from .report import REPORT_KEY, Report
+from .rewrite import regenerate
 from .shapes import record_shapes
 
 
@@ -23,16 +24,20 @@ _MAX_ROUNDS = 8
 def run_passes(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: int = _MAX_ROUNDS) -> GraphModule:
     """Run ``passes`` in order, again while any of them changes the graph (a fold can enable another).
 
-    Like ``torch.fx.passes.infra.PassManager`` with ``steps``, without regenerating code after
-    passes that changed nothing (codegen dominated canonicalization time that way).
+    Like ``torch.fx.passes.infra.PassManager`` with ``steps``, but regenerating code once, after
+    the last pass, rather than after every pass (codegen dominated canonicalization time that way).
     """
+    changed = False
     for _ in range(max_rounds):
         modified = False
         for canon_pass in passes:
-            result = canon_pass(gm)
+            result = canon_pass.run(gm)
             gm, modified = result.graph_module, modified or result.modified
+        changed = changed or modified
         if not modified:
             break
+    if changed:
+        regenerate(gm)
     return gm
 
 

@@ -30,15 +30,21 @@ def batchnorm_affine(
     return s, beta - s * mean
 
 
+def _times(tensor: Tensor, factor: Tensor) -> Tensor:
+    """``tensor * factor`` in float64: a float64 copy of ``tensor`` scaled in place, bit for bit the
+    product and twice as fast as a mixed-dtype product (which makes float64 temporaries of both)."""
+    return tensor.to(torch.float64, copy=True).mul_(factor)
+
+
 def _scale_dim0(weight: Tensor, scale: Tensor) -> Tensor:
-    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return _times(weight, scale.reshape(-1, *([1] * (weight.dim() - 1))))
 
 
 def _scale_dim1_per_group(weight: Tensor, scale: Tensor, groups: int) -> Tensor:
     """``weight[g * (n0/groups) + i, j] * scale[g * n1 + j]``: dim 1 indexes channels within a group."""
     shape = weight.shape
     grouped = weight.reshape(groups, shape[0] // groups, *shape[1:])
-    return (grouped * scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))).reshape(shape)
+    return _times(grouped, scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))).reshape(shape)
 
 
 def scale_output_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:

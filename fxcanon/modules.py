@@ -95,7 +95,19 @@ else:
     _ConvBase = _ConvTransposeBase = object
 
 
-class _BiasMapMixin(_ConvBase):
+class _FusedLayer:
+    """What every fused layer shares with the standard layer it subclasses, but initialization on
+    the meta device: tensors there hold no data (``fxcanon.rewrite.build_layer`` builds a layer
+    there, then gives it every parameter)."""
+
+    weight: nn.Parameter
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()  # type: ignore[misc]
+
+
+class _BiasMapMixin(_FusedLayer, _ConvBase):
     """Adds ``bias_map(x)`` (see module docstring) to a convolution-like layer."""
 
     bias_kernel: nn.Parameter | None
@@ -207,7 +219,7 @@ class Gate(nn.Module):
         return signal * gate
 
 
-class FusedLinear(nn.Linear):
+class FusedLinear(_FusedLayer, nn.Linear):
     """An ``nn.Linear`` whose weight and bias absorbed one or more BatchNorms."""
 
 

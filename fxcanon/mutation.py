@@ -125,10 +125,13 @@ def mutated_args(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | No
 
 def returns_fresh(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None = None) -> bool:
     """True if ``node`` returns a tensor that aliases none of its arguments."""
+    return not mutated_args(gm, node, modules) and _fresh_op(gm, node, modules)
+
+
+def _fresh_op(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None) -> bool:
+    """True if ``node``'s op returns a new tensor, unless it changes an argument in place."""
     if node.op in ("get_attr", "output"):
         return True
-    if mutated_args(gm, node, modules):
-        return False
     if node.op == "call_function":
         return node.target in _FRESH_FUNCTIONS
     if node.op == "call_method":
@@ -139,81 +142,90 @@ def returns_fresh(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | N
     return False
 
 
-class AliasAnalysis:
-    """May-alias classes of a graph's values and the nodes that mutate each class in place."""
+class _Submodules(dict):
+    """``gm``'s submodules by name, each looked up when first asked for."""
 
     def __init__(self, gm: GraphModule) -> None:
-        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
-        self._parent: dict[Node, Node] = {}
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        for other in placeholders[1:]:  # a caller may pass one tensor twice
-            self._union(placeholders[0], other)
-        attributes: dict[Any, Node] = {}
-        for node in gm.graph.nodes:  # one tensor read twice
-            if node.op == "get_attr":
-                self._union(node, attributes.setdefault(node.target, node))
-        modules = dict(gm.named_modules())
-        mutated = {node: mutated_args(gm, node, modules) for node in gm.graph.nodes}
-        for node in gm.graph.nodes:
-            if mutated[node] or not returns_fresh(gm, node, modules):
-                for arg in node.all_input_nodes:
-                    self._union(node, arg)
-        self.mutators: dict[Node, list[Node]] = {}
-        for node, args in mutated.items():
-            for arg in args:
-                self.mutators.setdefault(self._find(arg), []).append(node)
+        super().__init__()
+        self.gm = gm
 
-    def _find(self, node: Node) -> Node:
-        root = node
-        while self._parent.get(root, root) is not root:
-            root = self._parent[root]
-        self._parent[node] = root
-        return root
+    def __missing__(self, target: str) -> nn.Module:
+        self[target] = module = self.gm.get_submodule(target)
+        return module
 
-    def _union(self, a: Node, b: Node) -> None:
-        ra, rb = self._find(a), self._find(b)
-        if ra is not rb:
-            self._parent[ra] = rb
 
-    @property
-    def mutates(self) -> bool:
-        """True if anything in the graph changes a tensor in place."""
-        return bool(self.mutators)
+class AliasAnalysis:
+    """May-alias classes of a graph's values and the nodes that mutate each class in place.
 
-    def mutated_attributes(self) -> set[str]:
-        """Targets of ``get_attr`` tensors (parameters, buffers) that the graph changes in place."""
-        roots = set(self.mutators)
-        return {str(n.target) for n in self.order if n.op == "get_attr" and self._find(n) in roots}
+    Two values are in one class when a node that may return a view of its arguments (or changes
+    one in place) links its result to them, when both are graph inputs, or when both read one
+    attribute. Classes are found on demand, from the queried value through those links, so a query
+    looks only at the values that may alias it; answers hold while the graph is not edited.
+    """
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm = gm
+        self._effects: dict[Node, tuple[list[Node], bool]] = {}
+        self._modules = _Submodules(gm)
+
+    def _effect(self, node: Node) -> tuple[list[Node], bool]:
+        """The arguments ``node`` changes in place, and whether its result may alias its arguments."""
+        if node not in self._effects:
+            mutated = mutated_args(self.gm, node, self._modules)
+            self._effects[node] = mutated, bool(mutated) or not _fresh_op(self.gm, node, self._modules)
+        return self._effects[node]
+
+    def alias_class(self, value: Node) -> set[Node]:
+        """``value`` and every value that may alias it."""
+        graph = self.gm.graph
+        members, pending = {value}, [value]
+        while pending:
+            node = pending.pop()
+            linked = [user for user in node.users if self._effect(user)[1]]
+            if self._effect(node)[1]:
+                linked += node.all_input_nodes
+            if node.op == "placeholder":  # a caller may pass one tensor twice
+                linked += graph.find_nodes(op="placeholder", sort=False)
+            elif node.op == "get_attr":  # one tensor read twice
+                linked += graph.find_nodes(op="get_attr", target=node.target, sort=False)
+            for other in linked:
+                if other not in members:
+                    members.add(other)
+                    pending.append(other)
+        return members
 
     def mutations(self, value: Node, after: Node | None = None, ignore: Iterable[Node] = ()) -> list[Node]:
-        """Nodes that change ``value`` or anything that may alias it in place (only those after
-        ``after`` in program order when given), except the nodes in ``ignore``."""
+        """Nodes that change ``value`` or anything that may alias it in place, in program order (only
+        those after ``after`` when given), except the nodes in ``ignore``. (A node that changes a
+        value in place is linked to it, hence in its class.)"""
         skip = set(ignore)
-        start = -1 if after is None else self.order.get(after, -1)
-        return [m for m in self.mutators.get(self._find(value), [])
-                if m not in skip and self.order.get(m, len(self.order)) > start]
+        found = [m for m in self.alias_class(value) if self._effect(m)[0] and m not in skip]
+        if not found:
+            return []
+        order = {node: i for i, node in enumerate(self.gm.graph.nodes)}
+        start = -1 if after is None else order[after]
+        return sorted((m for m in found if order[m] > start), key=order.__getitem__)
 
-
-def _reads_attribute(node: Node, attributes: set[str]) -> bool:
-    """True if ``node`` calls a module, or reads a ``get_attr`` tensor, named in ``attributes``."""
-    if node.op == "call_module" and any(a == node.target or a.startswith(f"{node.target}.") for a in attributes):
-        return True
-    return any(arg.op == "get_attr" and arg.target in attributes for arg in node.all_input_nodes)
+    def changes_parameters(self, call: Node) -> bool:
+        """True if the graph changes in place a tensor ``call`` reads as an attribute: a ``get_attr``
+        argument, or a parameter or buffer of the module it calls."""
+        read = {arg.target for arg in call.all_input_nodes if arg.op == "get_attr"}
+        prefix = f"{call.target}." if call.op == "call_module" else None
+        return any((node.target in read or (prefix is not None and f"{node.target}.".startswith(prefix)))
+                   and self.mutations(node) for node in self.gm.graph.find_nodes(op="get_attr", sort=False))
 
 
 def fold_hazard(gm: GraphModule, calls: Iterable[Node], output: Node | None = None, source: Node | None = None,
-                read_at: Node | None = None, ignore: Iterable[Node] = (),
-                aliases: AliasAnalysis | None = None) -> str | None:
+                read_at: Node | None = None, ignore: Iterable[Node] = ()) -> str | None:
     """Why a fold is not exact in the presence of in-place ops, or None.
 
     ``calls`` are the BatchNorm and layer calls whose parameters the fold bakes in: the graph must
     not change those parameters. A backward fold removes ``output`` (the BatchNorm's or its ReLU's)
     and makes its users read ``source`` (the BatchNorm's input, first read at ``read_at``) instead:
     nothing may change ``output`` in place (``ignore``: the folded in-place ReLU itself), nor
-    ``source`` after ``read_at``. ``aliases``: an analysis of the graph that is still right (one of
-    a graph without in-place ops stays right after folds, which add none).
+    ``source`` after ``read_at``.
     """
-    aliases = aliases if aliases is not None else AliasAnalysis(gm)
+    aliases = AliasAnalysis(gm)
     if output is not None:
         changed = aliases.mutations(output, ignore=ignore)
         if changed:
@@ -222,8 +234,7 @@ def fold_hazard(gm: GraphModule, calls: Iterable[Node], output: Node | None = No
         changed = aliases.mutations(source, after=read_at)
         if changed:
             return f"{changed[0].name} changes {source.name} (or a view of it) in place after it is read"
-    attributes = aliases.mutated_attributes()
     for call in calls:
-        if attributes and _reads_attribute(call, attributes):
+        if aliases.changes_parameters(call):
             return f"the graph changes parameters of {call.name} in place"
     return None

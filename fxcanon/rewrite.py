@@ -76,11 +76,13 @@ def build_layer(view: LinearView, tensors: LayerTensors, input_pad: tuple[int, .
 
 def _sole_use(gm: GraphModule, node: Node) -> bool:
     """True if ``node`` is the only place the graph uses its module (or anything inside it)."""
-    target = node.target
-    uses = [n for n in gm.graph.nodes
-            if (n.op == "call_module" and n.target == target)
-            or (n.op in ("get_attr", "call_module") and str(n.target).startswith(target + "."))]
-    return uses == [node]
+    target, inside = str(node.target), f"{node.target}."
+    graph = gm.graph
+    if graph.find_nodes(op="call_module", target=target, sort=False) != [node] or \
+            any(str(n.target).startswith(inside) for n in graph.find_nodes(op="get_attr", sort=False)):
+        return False
+    return next(gm.get_submodule(target).children(), None) is None or \
+        not any(str(n.target).startswith(inside) for n in graph.find_nodes(op="call_module", sort=False))
 
 
 def _own_container(gm: GraphModule, target: str) -> nn.Module | None:
@@ -147,7 +149,7 @@ _OWN_FUNCTIONS = {batchnorm_affine, fused_output, fused_input, relu_factorizatio
 
 def finish(gm: GraphModule, modified: bool) -> None:
     """After a pass: drop unused ``get_attr`` nodes and unused fold computations the pass emitted;
-    if it changed the graph, drop modules no longer called and regenerate code.
+    if it changed the graph, check it (the caller then calls :func:`regenerate`).
 
     Only nodes the passes orphaned go: a general dead-code sweep would also drop in-place
     calls whose results are unused.
@@ -162,6 +164,10 @@ def finish(gm: GraphModule, modified: bool) -> None:
     if not modified:
         return
     gm.graph.lint()
+
+
+def regenerate(gm: GraphModule) -> None:
+    """Bring the module in line with its edited graph: drop modules no longer called, regenerate code."""
     gm.delete_all_unused_submodules()
     gm.recompile()
 

@@ -268,17 +268,22 @@ def _tuple_element(node: Node) -> tuple[Node, int] | None:
     if node.op != "call_function" or node.target is not operator.getitem:
         return None
     call, index = node.args
-    return (call, index) if isinstance(call, Node) and len(call.users) == 1 else None
+    return (call, index) if isinstance(call, Node) and isinstance(index, int) and len(call.users) == 1 else None
 
 
-def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False) -> BatchNormView | None:
+def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False,
+                   modules: dict[str, nn.Module] | None = None) -> BatchNormView | None:
     """View ``node`` as a norm source (``fxcanon.kinds``), or None (``graph_params``: see ``_param``).
 
-    A spelling that returns a tuple is viewed at the element that is the normalized tensor."""
+    A spelling that returns a tuple is viewed at the element that is the normalized tensor.
+    ``modules``: ``dict(gm.named_modules())`` when the caller has it (a sweep over the graph that
+    folds as it goes replaces layers, never norms; a module call not in it is no norm).
+    """
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        kind = module_kind(module)
-        if kind is None or not isinstance(call_input(node), Node):
+        target = str(node.target)
+        module = gm.get_submodule(target) if modules is None else modules.get(target)
+        kind = None if module is None else module_kind(module)
+        if module is None or kind is None or not isinstance(call_input(node), Node):
             return None
         tracks = kind.tracks(module)
         return BatchNormView(
@@ -402,11 +407,14 @@ def check_batchnorm(bn: BatchNormView, allow_training: bool) -> Refusal | None:
         return Refusal(TRAINING, "training mode: normalizes with batch statistics")
     if not (isinstance(bn.eps, (int, float)) and math.isfinite(bn.eps) and bn.eps >= 0):
         raise CanonizationError(f"{kind} {bn.name!r} has eps={bn.eps}: it must be a finite number >= 0")
-    for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
-                          ("weight", bn.weight), ("bias", bn.bias)):
-        if tensor is not None and not torch.isfinite(tensor).all():
-            raise CanonizationError(f"{kind} {bn.name!r} has NaN or Inf in its {label}")
-    if bool((bn.running_var.double() + bn.eps <= 0).any()):
+    named = [(label, tensor) for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
+                                                   ("weight", bn.weight), ("bias", bn.bias)) if tensor is not None]
+    device = bn.running_var.device
+    if not torch.isfinite(torch.cat([tensor.reshape(-1).to(device) for _, tensor in named])).all():
+        label = next(label for label, tensor in named if not torch.isfinite(tensor).all())
+        raise CanonizationError(f"{kind} {bn.name!r} has NaN or Inf in its {label}")
+    # the smallest variance decides: adding eps in float64 keeps the order of finite values
+    if bn.running_var.numel() and float(bn.running_var.min()) + bn.eps <= 0:
         raise CanonizationError(f"{kind} {bn.name!r} has running_var + eps <= 0")
     return None
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from torch.fx import GraphModule, Node
-from torch.fx.passes.infra.pass_base import PassBase
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..affine import Guard
 from ..folders import Affine, GraphFolder, ModuleFolder
 from ..guards import insert_guard
-from ..mutation import AliasAnalysis, fold_hazard
 from ..report import HOOKS, Entry, Refusal, Report
+from ..rewrite import regenerate
 from ..views import BatchNormView, batchnorm_view, has_hooks
 
 
@@ -28,13 +27,19 @@ class CanonizationPass(PassBase):
         self.report = report if report is not None else Report()
         self.allow_training = allow_training
         self.folder = folder if folder is not None else ModuleFolder()
-        self._aliases: AliasAnalysis | None = None
 
-    def hazard(self, gm: GraphModule, *args: Any, **kwargs: Any) -> str | None:
-        """:func:`fxcanon.mutation.fold_hazard`, reusing one analysis while the graph has no in-place ops."""
-        if self._aliases is None or self._aliases.mutates:
-            self._aliases = AliasAnalysis(gm)
-        return fold_hazard(gm, *args, aliases=self._aliases, **kwargs)
+    def __call__(self, graph_module: GraphModule) -> PassResult:
+        """Run the pass, then drop unused modules and regenerate code if the graph changed (as
+        ``torch.fx.passes.infra.PassManager`` regenerates after each pass)."""
+        result = self.run(graph_module)
+        if result.modified:
+            regenerate(result.graph_module)
+        return result
+
+    def run(self, graph_module: GraphModule) -> PassResult:
+        """Run the pass (with its ``requires``/``ensures`` checks) and leave the module as it is:
+        :func:`fxcanon.canonicalize.run_passes` regenerates it once after all passes."""
+        return super().__call__(graph_module)
 
     def guard(self, gm: GraphModule, value: Node, guard: Guard | None, before: Node, bn: BatchNormView,
               entry: Entry) -> None:
@@ -51,10 +56,9 @@ class CanonizationPass(PassBase):
         ``reverse`` visits the last BatchNorm first (so ``BN -> BN -> conv`` folds in one sweep).
         Raises CanonizationError for training mode (unless allowed) and non-finite statistics.
         """
-        self._aliases = None
-        nodes = list(gm.graph.nodes)
+        nodes, modules = list(gm.graph.nodes), dict(gm.named_modules())
         for node in reversed(nodes) if reverse else nodes:
-            bn = batchnorm_view(gm, node, self.folder.graph_params)
+            bn = batchnorm_view(gm, node, self.folder.graph_params, modules)
             if bn is None:
                 continue
             entry = self.report.entry((bn.call or node).name, bn.name)

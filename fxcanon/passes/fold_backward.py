@@ -7,6 +7,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import BackwardFold, backward_fold
+from ..mutation import fold_hazard
 from ..report import KEPT_FOR_USERS, NOT_BEFORE_LAYER, Refusal
 from ..rewrite import erase_norm, finish
 from ._base import CanonizationPass
@@ -32,7 +33,7 @@ class FoldBatchNormBackward(CanonizationPass):
             if isinstance(plan, BackwardFold) and not all(self.folder.supports_sink(k) for k in plan.sinks):
                 plan = "a consumer's kind is not supported here"
             if isinstance(plan, BackwardFold):
-                hazard = self.hazard(graph_module, (bn.node, *(k.view.node for k in plan.sinks)), bn.node, bn.input,
+                hazard = fold_hazard(graph_module, (bn.node, *(k.view.node for k in plan.sinks)), bn.node, bn.input,
                                      bn.node)
                 plan = hazard if hazard is not None else plan
             if not isinstance(plan, BackwardFold):

@@ -10,6 +10,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import forward_folds
 from ..folders import Affine
+from ..mutation import fold_hazard
 from ..report import FORWARD, NOT_AFTER_LAYER, Fold, Refusal
 from ..rewrite import erase_norm, finish
 from ..views import call_input
@@ -32,7 +33,7 @@ class FoldBatchNormForward(CanonizationPass):
         for bn, entry, affine in self.batchnorms(graph_module):
             plan = forward_folds(graph_module, bn, self.folder.graph_params)
             if not isinstance(plan, str):
-                hazard = self.hazard(graph_module, (bn.node, *(fold.producer.node for fold in plan)))
+                hazard = fold_hazard(graph_module, (bn.node, *(fold.producer.node for fold in plan)))
                 plan = hazard if hazard is not None else plan
             if isinstance(plan, str) or not all(self.folder.supports(fold.producer) for fold in plan):
                 if not entry.folds:

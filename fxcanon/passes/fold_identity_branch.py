@@ -11,6 +11,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import Guard, rank_guard
 from ..fold_math import add_identity
+from ..mutation import fold_hazard
 from ..report import IDENTITY_BRANCH, NO_SIBLING_LAYER, Fold, Refusal
 from ..rewrite import build_layer, finish, install_layer, layer_tensors
 from ..views import BatchNormView, LinearView, has_hooks, identity_input, linear_view, reads_only_metadata
@@ -204,7 +205,7 @@ class FoldIdentityBranch(CanonizationPass):
                 misfits.append(f"{term.name} {reason}")
                 continue
             order = {node: i for i, node in enumerate(gm.graph.nodes)}
-            hazard = self.hazard(gm, (bn.node, term), bn.node, bn.input, min(bn.node, term, key=order.__getitem__))
+            hazard = fold_hazard(gm, (bn.node, term), bn.node, bn.input, min(bn.node, term, key=order.__getitem__))
             if hazard is not None:
                 return hazard
             detach = _detach(gm, chain, add)

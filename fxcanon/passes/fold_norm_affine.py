@@ -11,6 +11,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import Guard, Sink
 from ..guards import insert_guard
+from ..mutation import fold_hazard
 from ..report import NOT_BEFORE_LAYER, Refusal
 from ..rewrite import finish, replace_with_module
 from ..views import AffineTailView, affine_tail_view, has_hooks, linear_view, reads_only_metadata
@@ -91,7 +92,6 @@ class FoldNormAffine(CanonizationPass):
 
     def call(self, graph_module: GraphModule) -> PassResult:
         modified = False
-        self._aliases = None
         for node in list(graph_module.graph.nodes) if not self.folder.graph_params else []:
             tail = affine_tail_view(graph_module, node)
             if tail is None:
@@ -99,7 +99,7 @@ class FoldNormAffine(CanonizationPass):
             entry = self.report.entry(node.name, str(node.target) if node.op == "call_module" else node.name)
             plan = plan_tail_fold(graph_module, tail)
             if not isinstance(plan, str):
-                hazard = self.hazard(graph_module, (node, plan[0].view.node), node)
+                hazard = fold_hazard(graph_module, (node, plan[0].view.node), node)
                 plan = hazard if hazard is not None else plan
             if isinstance(plan, str):
                 entry.refusals = [Refusal(NOT_BEFORE_LAYER, f"affine tail kept: {plan}")]

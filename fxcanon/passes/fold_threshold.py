@@ -9,6 +9,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..affine import BackwardFold, backward_fold, forward_folds
+from ..mutation import fold_hazard
 from ..report import NOT_THROUGH_RELU, THRESHOLD, Refusal
 from ..rewrite import erase_norm, finish
 from ..views import batchnorm_view, has_hooks, relu_after
@@ -41,7 +42,7 @@ class FoldBatchNormThroughReLU(CanonizationPass):
             if isinstance(plan, BackwardFold) and not all(self.folder.supports_sink(k) for k in plan.sinks):
                 plan = "a consumer's kind is not supported here"
             if isinstance(plan, BackwardFold):
-                hazard = self.hazard(graph_module, (bn.node, relu, *(k.view.node for k in plan.sinks)), relu,
+                hazard = fold_hazard(graph_module, (bn.node, relu, *(k.view.node for k in plan.sinks)), relu,
                                      bn.input, bn.node, ignore=(relu,))
                 plan = hazard if hazard is not None else plan
             if not isinstance(plan, BackwardFold) or plan.left_reason is not None:

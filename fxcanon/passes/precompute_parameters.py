@@ -12,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..inventory import is_batchnorm_call
 from ..kinds import function_kind
-from ..mutation import mutated_args
+from ..mutation import fold_hazard, mutated_args
 from ..report import NOT_CONSTANT, PRECOMPUTED, Fold, Refusal
 from ..rewrite import build_layer, finish, fresh_name, install_layer, layer_tensors
 from ..views import bind_args, linear_view
@@ -125,7 +125,6 @@ class PrecomputeParameterBatchNorms(CanonizationPass):
 
     def call(self, graph_module: GraphModule) -> PassResult:
         constant = _Constants(graph_module)
-        self._aliases = None
         modified, erased = False, set()
         for node in list(graph_module.graph.nodes):
             if node in erased or not is_batchnorm_call(graph_module, node) or not constant(node):
@@ -135,7 +134,7 @@ class PrecomputeParameterBatchNorms(CanonizationPass):
                 continue
             entry = self.report.entry(node.name, node.name)
             cone = _ancestors(handed_on)
-            reason = next(filter(None, (self.hazard(graph_module, cone, output) for output in handed_on)), None)
+            reason = next(filter(None, (fold_hazard(graph_module, cone, output) for output in handed_on)), None)
             if reason is not None:
                 entry.refusals = [Refusal(NOT_CONSTANT, f"parameters only, but {reason}")]
                 continue
