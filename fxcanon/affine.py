@@ -280,11 +280,11 @@ class _ConePropagation:
         ids = torch.arange(1, shape[1] + 1, dtype=torch.float64).reshape(1, -1, *([1] * (len(shape) - 2)))
         self.ids[self.bn.node] = ids.expand(shape).contiguous()
         self.paths[self.bn.node] = ()
-        for node in self.gm.graph.nodes:
-            if node in self.handled or node is self.bn.node:
-                continue
-            if any(arg in self.ids for arg in node.all_input_nodes):
+        node = self.bn.node.next  # what uses the BatchNorm comes after it (graphs are in topological order)
+        while node.op != "root":
+            if node not in self.handled and any(arg in self.ids for arg in node.all_input_nodes):
                 self._visit(node)
+            node = node.next
         return self.sinks
 
     def reach(self) -> None:
@@ -599,8 +599,8 @@ def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_param
     in ``torch.compile`` graphs (Dynamo guards sizes itself). Where that fails at free sizes and
     the sizes come from example inputs, the BatchNorm's sizes but the batch are held (and guarded):
     its output is seeded with free sizes even where the ops before it fix them (global pooling)."""
+    _ConePropagation(gm, bn, s, graph_params, None).reach()  # needs no shapes: before anything that does
     if not graph_params and "tensor_meta" not in bn.node.meta:
-        _ConePropagation(gm, bn, s, graph_params, None).reach()  # before running the model for shapes
         if not record_hint_shapes(gm):
             raise _Stop(f"{bn.node.name}: no recorded shape (pass example_inputs)")
     at_recorded = _ConePropagation(gm, bn, s, graph_params, None)
