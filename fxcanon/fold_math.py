@@ -128,7 +128,8 @@ def add_identity(layer: LayerTensors, s: Tensor, t: Tensor) -> LayerTensors:
     weight = layer.weight.double().clone()
     channels = torch.arange(weight.shape[0], device=weight.device)
     centre = tuple(k // 2 for k in weight.shape[2:])
-    weight[(channels, channels % weight.shape[1], *centre)] += s.to(weight.device)
+    index: tuple[Tensor | int, ...] = (channels, channels % weight.shape[1], *centre)
+    weight[index] += s.to(weight.device)
     return replace(layer, weight=weight, bias=layer.bias + t.to(weight.device))
 
 

@@ -62,7 +62,6 @@ _FRESH_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._Batc
 _LIBRARIES = ("torch", "torchvision", "operator", "_operator", "math", "builtins", "fxcanon")
 
 
-@functools.lru_cache(maxsize=None)
 def _is_library(obj: Any) -> bool:
     """True for torch's, torchvision's, Python's and fxcanon's own functions and modules, whose in-place
     behaviour the rules above know; code of the user's that the graph calls opaquely may change
@@ -71,7 +70,7 @@ def _is_library(obj: Any) -> bool:
     return module.split(".")[0] in _LIBRARIES
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _inplace_position(target: Any) -> int | None:
     """Position of a function's ``inplace`` parameter, or None if it has none."""
     try:
@@ -110,7 +109,7 @@ def mutated_args(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | No
                                          and name not in _NOT_MUTATING_METHODS) or _inplace_flag(node.target, node):
             targets.append(first)
     elif node.op == "call_module":
-        module = modules[node.target] if modules is not None else gm.get_submodule(str(node.target))
+        module = modules[str(node.target)] if modules is not None else gm.get_submodule(str(node.target))
         if getattr(module, "inplace", False) is True:
             targets.append(first)
         elif not (_is_library(type(module)) or type(module) in LINEAR_MODULES or module_kind(module) is not None):
@@ -119,7 +118,12 @@ def mutated_args(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | No
     if node.op == "call_function" and not _is_library(node.target):  # a wrapped function of the user's
         targets.extend(node.all_input_nodes)
     found: list[Node] = []
-    map_arg(targets, lambda n: found.append(n) or n)
+
+    def collect(n: Node) -> Node:
+        found.append(n)
+        return n
+
+    map_arg(targets, collect)
     return found
 
 
@@ -137,7 +141,7 @@ def _fresh_op(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None)
     if node.op == "call_method":
         return node.target in _FRESH_METHODS
     if node.op == "call_module":
-        module = modules[node.target] if modules is not None else gm.get_submodule(str(node.target))
+        module = modules[str(node.target)] if modules is not None else gm.get_submodule(str(node.target))
         return isinstance(module, _FRESH_MODULES) or (isinstance(module, nn.ReLU) and not module.inplace)
     return False
 

@@ -96,8 +96,8 @@ def bind_args(node: Node, names: tuple[str, ...]) -> dict[str, Any]:
 
 def tensor_rank(node: Node) -> int | None:
     """Rank of the tensor ``node`` produced when shapes were propagated, else None."""
-    meta = node.meta.get("tensor_meta")
-    return len(meta.shape) if hasattr(meta, "shape") else None
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return None if shape is None else len(shape)
 
 
 def _ntuple(value: Any, n: int) -> tuple[int, ...]:
@@ -115,12 +115,12 @@ def _param(gm: GraphModule, value: Any, graph_params: bool) -> Tensor | None:
     if value is None or isinstance(value, Tensor):
         return value
     if isinstance(value, Node) and value.op == "get_attr":
-        tensor = get_attr_value(gm, value.target)
+        tensor = get_attr_value(gm, str(value.target))
         if isinstance(tensor, Tensor):
             return tensor
     if graph_params and isinstance(value, Node):
         meta = value.meta.get("tensor_meta")
-        if hasattr(meta, "shape"):
+        if meta is not None and hasattr(meta, "shape"):
             return torch.empty(meta.shape, dtype=meta.dtype, device="meta")
     raise KeyError("parameter is computed in the graph")
 
@@ -178,7 +178,7 @@ class LinearView:
             return False
         if self.padding == "same":
             return any(k > 1 for k in self.weight.shape[2:])
-        return any(p > 0 for p in self.padding)
+        return any(int(p) > 0 for p in self.padding)
 
 
 def linear_view(gm: GraphModule, node: Node, graph_params: bool = False) -> LinearView | None:
@@ -187,7 +187,7 @@ def linear_view(gm: GraphModule, node: Node, graph_params: bool = False) -> Line
     Parameters must be constants (modules, ``get_attr``) unless ``graph_params`` (see ``_param``).
     """
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module: Any = gm.get_submodule(str(node.target))  # a layer module: duck-typed attributes
         dims_transposed = LINEAR_MODULES.get(type(module))
         if dims_transposed is None or not isinstance(call_input(node), Node):
             return None
@@ -281,13 +281,13 @@ def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False,
     """
     if node.op == "call_module":
         target = str(node.target)
-        module = gm.get_submodule(target) if modules is None else modules.get(target)
+        module: Any = gm.get_submodule(target) if modules is None else modules.get(target)
         kind = None if module is None else module_kind(module)
         if module is None or kind is None or not isinstance(call_input(node), Node):
             return None
         tracks = kind.tracks(module)
         return BatchNormView(
-            node=node, input=call_input(node), name=node.target,
+            node=node, input=call_input(node), name=target,
             running_mean=module.running_mean if tracks else None, running_var=module.running_var if tracks else None,
             weight=module.weight, bias=module.bias, eps=module.eps, training=module.training,
             accepted_ranks=kind.modules[type(module)], module=module, kind=kind,
@@ -315,7 +315,8 @@ def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False,
     return BatchNormView(node=node, input=args["input"], name=call.name,
                          eps=float(eps) if isinstance(eps, (int, float)) else eps, training=training,
                          accepted_ranks=None, args=args, kind=kind, call=None if element is None else call,
-                         **tensors)
+                         running_mean=tensors["running_mean"], running_var=tensors["running_var"],
+                         weight=tensors["weight"], bias=tensors["bias"])
 
 
 @dataclass(frozen=True)
@@ -334,18 +335,22 @@ class AffineTailView:
 
 def affine_tail_view(gm: GraphModule, node: Node) -> AffineTailView | None:
     """View ``node`` as a norm with a per-feature affine tail, or None."""
-    module, args = None, {}
+    module: Any = None
+    args: dict[str, Any] = {}
+    weight: Tensor | None
+    bias: Tensor | None
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = gm.get_submodule(str(node.target))
         kind = next((k for k in AFFINE_TAIL_KINDS if type(module) in k.modules), None)
         if kind is None:
             return None
         data, weight, bias = call_input(node), module.weight, module.bias
     elif node.op == "call_function":
-        kind = next((k for k in AFFINE_TAIL_KINDS if node.target in k.functions), None)
-        if kind is None:
+        target = node.target
+        kind = next((k for k in AFFINE_TAIL_KINDS if target in k.functions), None)
+        if kind is None or isinstance(target, str):
             return None
-        spelling = kind.functions[node.target]
+        spelling = kind.functions[target]
         args = {**spelling.defaults, **bind_args(node, spelling.args)}
         try:
             weight, bias = (_param(gm, args.get(k), False) for k in ("weight", "bias"))
@@ -376,7 +381,7 @@ _PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad
 def constant_pad_view(gm: GraphModule, node: Node) -> ConstantPadView | None:
     """View ``node`` as constant padding, or None."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = gm.get_submodule(str(node.target))
         if not isinstance(module, _PAD_MODULES):
             return None
         if not isinstance(call_input(node), Node):
@@ -448,7 +453,7 @@ _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
 
 def relu_input(gm: GraphModule, node: Node) -> Node | None:
     """The input of ``node`` if it is a plain ReLU (module, function or method), else None."""
-    if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU:
+    if node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.ReLU:
         return call_input(node)
     if (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or \
             (node.op == "call_method" and node.target in ("relu", "relu_")):
@@ -463,7 +468,7 @@ def identity_input(gm: GraphModule, node: Node) -> Node | None:
     """The input of ``node`` if it returns its input unchanged (``nn.Identity``, dropout in eval
     mode, ``F.dropout(training=False)``) and runs no hooks, else None."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = gm.get_submodule(str(node.target))
         if isinstance(module, nn.Identity) or (isinstance(module, _DROPOUT_MODULES) and not module.training):
             return None if has_hooks(module) else call_input(node)
     if node.op == "call_function" and node.target is F.dropout:

@@ -39,7 +39,9 @@ class CanonizationPass(PassBase):
     def run(self, graph_module: GraphModule) -> PassResult:
         """Run the pass (with its ``requires``/``ensures`` checks) and leave the module as it is:
         :func:`fxcanon.canonicalize.run_passes` regenerates it once after all passes."""
-        return super().__call__(graph_module)
+        result = super().__call__(graph_module)
+        assert result is not None  # every pass returns a PassResult
+        return result
 
     def guard(self, gm: GraphModule, value: Node, guard: Guard | None, before: Node, bn: BatchNormView,
               entry: Entry) -> None:

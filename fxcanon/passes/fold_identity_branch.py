@@ -76,7 +76,8 @@ def _terms(gm: GraphModule, add: Node) -> list[tuple[Node, int]]:
     ops in between)."""
     while (up := _branch(gm, add)) is not None:
         add = up[1]
-    terms, pending = [], [(add, 1)]
+    terms: list[tuple[Node, int]] = []
+    pending = [(add, 1)]
     while pending:
         node, sign = pending.pop()
         for operand, operand_sign in _operands(node) or ():
@@ -96,7 +97,9 @@ def _detach(gm: GraphModule, chain: list[Node], add: Node) -> tuple[list[Node], 
     added, or the term is what another is subtracted from (``BN(x) - y`` would leave ``-y``)."""
     dropped = list(chain)
     while True:
-        (first, _), (second, _) = operands = _operands(add)
+        operands = _operands(add)
+        assert operands is not None  # ``add`` is an addition or subtraction
+        (first, _), (second, _) = operands
         other = second if first is dropped[-1] else first
         if isinstance(other, Node):
             subtracted_from = first is dropped[-1] and operands[1][1] < 0
@@ -199,8 +202,8 @@ class FoldIdentityBranch(CanonizationPass):
                 continue
             reason = _misfit(gm, bn, view)
             guard = rank_guard(bn, view.batched_rank) if reason is None else None
-            if reason is None and isinstance(guard, str):
-                reason = guard
+            if isinstance(guard, str):
+                reason, guard = guard, None
             if reason is not None:
                 misfits.append(f"{term.name} {reason}")
                 continue

@@ -35,7 +35,7 @@ class FoldBatchNormThroughReLU(CanonizationPass):
             if found is None:
                 continue
             relu, between = found
-            if relu.op == "call_module" and has_hooks(graph_module.get_submodule(relu.target)):
+            if relu.op == "call_module" and has_hooks(graph_module.get_submodule(str(relu.target))):
                 continue
             plan = backward_fold(graph_module, dataclasses.replace(bn, node=relu, input=bn.node), affine.scale,
                                  self.folder.graph_params)
