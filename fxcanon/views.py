@@ -13,7 +13,8 @@ import functools
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -192,9 +193,9 @@ def linear_view(gm: GraphModule, node: Node, graph_params: bool = False) -> Line
         if dims_transposed is None or not isinstance(call_input(node), Node):
             return None
         dims, transposed = dims_transposed
-        common = dict(node=node, input=call_input(node), weight=module.weight, bias=module.bias,
-                      spatial_dims=dims, transposed=transposed, module=module,
-                      extra_args=tuple(node.args[1:]))
+        common = {"node": node, "input": call_input(node), "weight": module.weight, "bias": module.bias,
+                  "spatial_dims": dims, "transposed": transposed, "module": module,
+                  "extra_args": tuple(node.args[1:])}
         if dims == 0:
             return LinearView(**common)
         return LinearView(
