@@ -21,6 +21,7 @@ not 1 at the hint: refused there).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -208,7 +209,7 @@ class SymbolicCone:
                  held: tuple[int, ...] = (1,)) -> None:
         self.env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
         mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
-        device = next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu"))
+        device = next((t.device for t in itertools.chain(gm.parameters(), gm.buffers())), torch.device("cpu"))
         downstream = {start}
         for node in gm.graph.nodes:
             if node.op != "output" and any(arg in downstream for arg in node.all_input_nodes):
