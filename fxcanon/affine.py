@@ -21,8 +21,10 @@ ops whose arguments vary are followed only where they act on varying dims (repea
 reshapes, narrow and slice bounds); a Linear's feature axis and a convolution's channel axis must
 not vary. The BatchNorm's sizes that do not vary are held by a call-time guard. Where the map
 cannot be proven at free sizes, sizes from example inputs are held instead (all but the batch;
-all of them when the symbolic run fails). Without recorded shapes, shapes are recorded at inputs
-made from the graph (``fxcanon.shapes.record_hint_shapes``) once a BatchNorm needs them.
+all of them when the symbolic run fails). Without recorded shapes, the BatchNorm's output is
+seeded at small sizes and only what it feeds is run (``fxcanon.shapes.seeded_shapes``); where that
+does not prove the fold at every size, shapes are recorded at inputs made from the graph
+(``fxcanon.shapes.record_hint_shapes``).
 """
 
 from __future__ import annotations
