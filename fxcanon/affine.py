@@ -21,8 +21,10 @@ ops whose arguments vary are followed only where they act on varying dims (repea
 reshapes, narrow and slice bounds); a Linear's feature axis and a convolution's channel axis must
 not vary. The BatchNorm's sizes that do not vary are held by a call-time guard. Where the map
 cannot be proven at free sizes, sizes from example inputs are held instead (all but the batch;
-all of them when the symbolic run fails). Without recorded shapes, shapes are recorded at inputs
-made from the graph (``fxcanon.shapes.record_hint_shapes``) once a BatchNorm needs them.
+all of them when the symbolic run fails). Without recorded shapes, the BatchNorm's output is
+seeded at small sizes and only what it feeds is run (``fxcanon.shapes.seeded_shapes``); where that
+does not prove the fold at every size, shapes are recorded at inputs made from the graph
+(``fxcanon.shapes.record_hint_shapes``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .errors import CanonizationError
-from .shapes import HINTED_KEY, RESAMPLE_FUNCTIONS, RESAMPLE_MODULES, VALUE_KEY, SymbolicCone, record_hint_shapes
+from .shapes import (HINTED_KEY, RESAMPLE_FUNCTIONS, RESAMPLE_MODULES, VALUE_KEY, SymbolicCone, record_hint_shapes,
+                     seeded_shapes)
 from .views import (_DROPOUT_MODULES, PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args,
                     constant_pad_view, get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
 
@@ -287,9 +290,10 @@ class _ConePropagation:
             node = node.next
         return self.sinks
 
-    def reach(self) -> None:
+    def reach(self) -> set[Node]:
         """Raise _Stop unless every use of the BatchNorm reaches linear layers through ops that
-        could carry it: the part of the analysis that needs no shapes."""
+        could carry it (the part of the analysis that needs no shapes); else the BatchNorm's node
+        and those ops."""
         reached, pending = {self.bn.node}, [self.bn.node]
         while pending:
             for node in pending.pop().users:
@@ -305,6 +309,7 @@ class _ConePropagation:
                     raise _Stop(f"{node.name} ({node.op} {_target_name(node.target)}) mixes features non-linearly")
                 reached.add(node)
                 pending.append(node)
+        return reached
 
     def _sink(self, view: LinearView, node: Node, path: tuple[str, ...], pad: ConstantPadView | None = None) -> None:
         """``view`` reads ``node`` (through ``pad``): its feature or channel axis must not vary."""
@@ -576,45 +581,45 @@ def _size_guard(bn: BatchNormView, rank_guard: Guard | None, cone: SymbolicCone 
     return Guard(len(shape), fixed, why)
 
 
-def _symbolic_cone(gm: GraphModule, bn: BatchNormView, nodes: list[Node], held: tuple[int, ...]) -> SymbolicCone | None:
+def _symbolic_cone(gm: GraphModule, bn: BatchNormView, nodes: list[Node], held: tuple[int, ...],
+                   chosen: bool) -> SymbolicCone | None:
     """The symbolic sizes of ``nodes`` fed by ``bn``, its ``held`` dims constant (sizes recorded as 1
     free if the model accepts that, else constants); None where the run fails on shapes from
-    example inputs (every size is then held)."""
+    example inputs (every size is then held), _Stop where it fails on sizes of our ``chosen``."""
     for free_ones in (True, False):
         try:
             return SymbolicCone(gm, bn.node, nodes, free_ones, held)
         except CanonizationError as error:
             failure = error
-    if gm.meta.get(HINTED_KEY):  # the recorded sizes are ours: holding them would refuse real inputs
+    if chosen:  # holding sizes of our own choosing would refuse real inputs
         raise _Stop(f"{failure} (pass example_inputs)") from failure
     return None
 
 
-def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> BackwardFold:
-    """Every use of ``bn`` followed to linear layers (raises _Stop where that fails).
+def _local_seed(bn: BatchNormView) -> Tensor | None:
+    """The BatchNorm's output at small sizes of our choosing (batch 2, other sizes 8) where the
+    BatchNorm accepts one rank only, else None."""
+    like = next((t for t in (bn.running_mean, bn.weight) if t is not None), None)
+    if like is None or bn.accepted_ranks is None or len(bn.accepted_ranks) != 1:
+        return None
+    return like.new_zeros(2, bn.num_features, *[8] * (bn.accepted_ranks[0] - 2))
 
-    Followed at the recorded sizes first (shapes recorded at inputs made from the graph if there
-    are none and the ops on the way could carry the map); then again with the symbolic sizes of
-    the nodes on the way and of the layers reached (their weights fix their input sizes), except
-    in ``torch.compile`` graphs (Dynamo guards sizes itself). Where that fails at free sizes and
-    the sizes come from example inputs, the BatchNorm's sizes but the batch are held (and guarded):
-    its output is seeded with free sizes even where the ops before it fix them (global pooling)."""
-    _ConePropagation(gm, bn, s, graph_params, None).reach()  # needs no shapes: before anything that does
-    if not graph_params and "tensor_meta" not in bn.node.meta:
-        if not record_hint_shapes(gm):
-            raise _Stop(f"{bn.node.name}: no recorded shape (pass example_inputs)")
+
+def _followed(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool,
+              chosen: bool) -> BackwardFold:
+    """:func:`_cone_fold` on the recorded shapes (``chosen``: sizes of our choosing, none held)."""
     at_recorded = _ConePropagation(gm, bn, s, graph_params, None)
     sinks = at_recorded.run()
     nodes = [*at_recorded.ids, *(k.view.node for k in sinks)]
-    cone = None if graph_params else _symbolic_cone(gm, bn, nodes, (1,))
+    cone = None if graph_params else _symbolic_cone(gm, bn, nodes, (1,), chosen)
     if cone is not None:
         try:
             sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
         except _Stop:
             rank = len(bn.node.meta["tensor_meta"].shape)
-            if gm.meta.get(HINTED_KEY) or rank < 3:  # sizes of our own choosing are not worth holding
+            if chosen or rank < 3:  # sizes of our own choosing are not worth holding
                 raise
-            cone = _symbolic_cone(gm, bn, nodes, tuple(range(1, rank)))
+            cone = _symbolic_cone(gm, bn, nodes, tuple(range(1, rank)), chosen)
             sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
     guard = rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))
     if isinstance(guard, str):
@@ -622,6 +627,35 @@ def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_param
     if any(sink.path for sink in sinks):
         guard = _size_guard(bn, guard, cone)
     return BackwardFold(bn, sinks, list(bn.node.users), guard=guard)
+
+
+def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> BackwardFold:
+    """Every use of ``bn`` followed to linear layers (raises _Stop where that fails).
+
+    Followed at the recorded sizes first; then again with the symbolic sizes of the nodes on the
+    way and of the layers reached (their weights fix their input sizes), except in
+    ``torch.compile`` graphs (Dynamo guards sizes itself). Where that fails at free sizes and the
+    sizes come from example inputs, the BatchNorm's sizes but the batch are held (and guarded):
+    its output is seeded with free sizes even where the ops before it fix them (global pooling).
+
+    Without recorded shapes, the BatchNorm's output is seeded at small sizes of its own
+    (:func:`_local_seed`, only the ops it feeds are run); that fold stands if the symbolic run
+    proves it at every size of the BatchNorm's but its channels. Otherwise shapes are recorded
+    at inputs made from the graph, if the ops on the way could carry the map."""
+    cone = _ConePropagation(gm, bn, s, graph_params, None).reach()  # needs no shapes: before anything that does
+    if not graph_params and "tensor_meta" not in bn.node.meta:
+        seed = _local_seed(bn)
+        if seed is not None:
+            with seeded_shapes(gm, bn.node, seed, cone) as seeded:
+                try:
+                    fold = _followed(gm, bn, s, graph_params, True) if seeded else None
+                except _Stop:
+                    fold = None
+            if fold is not None and (fold.guard is None or not fold.guard.sizes):
+                return fold
+        if not record_hint_shapes(gm):
+            raise _Stop(f"{bn.node.name}: no recorded shape (pass example_inputs)")
+    return _followed(gm, bn, s, graph_params, bool(gm.meta.get(HINTED_KEY)))
 
 
 def _direct_plan(gm: GraphModule, bn: BatchNormView, graph_params: bool) -> tuple[BackwardFold, list[str]]:

@@ -11,6 +11,7 @@ from torch.fx import GraphModule, Tracer
 
 from . import modules
 from .errors import CanonizationError
+from .folders import ModuleFolder
 from .inventory import record_unread
 from .passes import DEFAULT_PASSES, CanonizationPass, ordered
 from .report import REPORT_KEY, Report
@@ -125,7 +126,8 @@ def canonicalize(
                                             else example_inputs))
         record_shapes(gm, inputs)  # puts back the statistics a training-mode BatchNorm moves
     report = Report()
-    selected = [p(report, allow_training=allow_training) if isinstance(p, type) else p
+    folder = ModuleFolder()  # one for all passes: each BatchNorm's affine map computed once
+    selected = [p(report, allow_training=allow_training, folder=folder) if isinstance(p, type) else p
                 for p in ordered(DEFAULT_PASSES if passes is None else passes, prefer, preset, gm)]
     out = run_passes(gm, selected)
     record_unread(out, report)

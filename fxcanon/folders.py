@@ -41,12 +41,27 @@ class Affine:
 
 
 class ModuleFolder:
-    """Fold the values the graph holds now into new fused modules."""
+    """Fold the values the graph holds now into new fused modules.
+
+    Each BatchNorm's affine map is computed once for all passes sharing the folder, again only
+    when one of its tensors is replaced or changed in place (its version counter moves)."""
 
     graph_params = False
 
+    def __init__(self) -> None:
+        self._affines: dict[tuple[Any, ...], tuple[tuple[Tensor | None, ...], Affine | Refusal]] = {}
+
     def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | Refusal:
         """The BatchNorm's affine map, or why it stays (raises for bad statistics and training mode)."""
+        tensors = (bn.running_mean, bn.running_var, bn.weight, bn.bias)  # kept alive: their ids stay theirs
+        key = (*(None if t is None else (id(t), t._version) for t in tensors), bn.eps, bn.training, id(bn.kind),
+               allow_training)
+        if key not in self._affines:
+            self._affines[key] = (tensors, self._affine(bn, allow_training))
+        return self._affines[key][1]
+
+    @staticmethod
+    def _affine(bn: BatchNormView, allow_training: bool) -> Affine | Refusal:
         reason = check_batchnorm(bn, allow_training)
         if reason is not None:
             return reason

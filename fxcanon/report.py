@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
 from torch.fx import GraphModule
 
 REPORT_KEY = "fxcanon_report"
@@ -65,20 +66,18 @@ def fold_record(into: str, sink: Any, vector_bias: bool, rule: str | None = None
     """The report line for a fold into ``sink`` (an ``fxcanon.affine.Sink``)."""
     if rule is None:
         rule = THROUGH_LAYOUT if sink.path else BACKWARD_VECTOR if vector_bias else BACKWARD_BIAS_MAP
-    changed = index_ranges(sink.channel_map.ge(0).nonzero().flatten().tolist())
+    changed = index_ranges(sink.channel_map.ge(0).nonzero().flatten())
     path = sink.path + ((sink.pad.node.name,) if sink.pad is not None else ())
     return Fold(into, rule, path, changed)
 
 
-def index_ranges(indices: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0:3, 5:6"`` (half-open ranges, as in the supplement)."""
-    ranges: list[list[int]] = []
-    for i in indices:
-        if ranges and ranges[-1][1] == i:
-            ranges[-1][1] = i + 1
-        else:
-            ranges.append([i, i + 1])
-    return ", ".join(f"{a}:{b}" for a, b in ranges)
+def index_ranges(indices: Tensor) -> str:
+    """``tensor([0, 1, 2, 5])`` (increasing) -> ``"0:3, 5:6"`` (half-open ranges, as in the supplement)."""
+    if not indices.numel():
+        return ""
+    ends = ((indices[1:] != indices[:-1] + 1).nonzero().flatten() + 1).tolist()
+    values = indices.tolist()
+    return ", ".join(f"{values[a]}:{values[b - 1] + 1}" for a, b in zip([0, *ends], [*ends, len(values)]))
 
 
 @dataclass

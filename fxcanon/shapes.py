@@ -4,7 +4,8 @@
 and small non-tensor results (``VALUE_KEY``). Without example inputs, ``record_hint_shapes``
 makes inputs from how the graph uses its placeholders (the first layer a placeholder reaches gives
 its rank and channels, an Embedding makes it an index tensor) at the first side length of
-``HINT_SIZES`` the model accepts.
+``HINT_SIZES`` the model accepts. ``seeded_shapes`` records, for a while, the shapes of what one
+node feeds from a value of that node alone (no model run).
 
 ``SymbolicCone`` runs what one node feeds on fake tensors whose sizes are symbols
 (``torch.fx.experimental.symbolic_shapes``): the node's value with every size free but its channel
@@ -20,7 +21,9 @@ not 1 at the hint: refused there).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import sympy
@@ -35,10 +38,10 @@ from torch.fx.experimental.symbolic_shapes import (
     StatelessSymbolicContext,
 )
 from torch.fx.node import map_arg
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .errors import CanonizationError
-from .views import batchnorm_view, call_input, get_attr_value, linear_view
+from .views import batchnorm_view, call_input, get_attr_value, linear_view, reads_only_metadata
 
 RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
 RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
@@ -50,13 +53,17 @@ HINT_SIZES = (32, 64, 128, 127, 224, 299)
 _HINT_BATCH, _HINT_LENGTH = 2, 8
 
 
+def _small_value(result: Any) -> bool:
+    return isinstance(result, (int, float, bool, torch.Size)) or (
+        isinstance(result, (tuple, list)) and all(isinstance(r, (int, float, bool)) for r in result))
+
+
 class _ShapeRecorder(ShapeProp):
     """ShapeProp that also keeps small non-tensor results (sizes, ints) for the affine analysis."""
 
     def run_node(self, n: Any) -> Any:
         result = super().run_node(n)
-        if isinstance(result, (int, float, bool, torch.Size)) or (
-                isinstance(result, (tuple, list)) and all(isinstance(r, (int, float, bool)) for r in result)):
+        if _small_value(result):
             n.meta[VALUE_KEY] = result
         return result
 
@@ -75,6 +82,62 @@ def record_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
             for name, buffer in gm.named_buffers():
                 if name in buffers and not torch.equal(buffer, buffers[name]):
                     buffer.copy_(buffers[name])
+
+
+@contextmanager
+def seeded_shapes(gm: GraphModule, start: Node, seed: Tensor, cone: set[Node]) -> Iterator[bool]:
+    """Shapes (and small values) of ``start`` taken as ``seed`` and of the nodes of ``cone`` it
+    feeds, with what reads their metadata, recorded while the context lasts (then put back).
+
+    Yields False where a node of ``cone`` reads a tensor from outside it (its shape is unknown
+    here) or fails on the seed: the shapes recorded are then not to be used."""
+    saved: dict[Node, dict[str, Any]] = {}
+    env: dict[Node, Any] = {start: seed}
+    interpreter = Interpreter(gm)
+
+    def annotate(node: Node, result: Any) -> None:
+        saved[node] = {key: node.meta.pop(key) for key in ("tensor_meta", VALUE_KEY) if key in node.meta}
+        if isinstance(result, Tensor):
+            node.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        elif _small_value(result):
+            node.meta[VALUE_KEY] = result
+
+    def run() -> bool:
+        annotate(start, seed)
+        node = start.next
+        while node.op != "root":  # graphs are in topological order
+            args = node.all_input_nodes
+            in_cone = node in cone
+            if node.op != "output" and any(arg in env for arg in args) and \
+                    (in_cone or all(reads_only_metadata(node, arg) for arg in args if arg in cone)):
+                if not all(arg in env or arg.op == "get_attr" for arg in args):
+                    if in_cone:
+                        return False
+                else:
+                    for arg in args:
+                        if arg not in env:
+                            env[arg] = get_attr_value(gm, str(arg.target))
+                            annotate(arg, env[arg])
+                    call_args, kwargs = map_arg((node.args, node.kwargs), env.__getitem__)
+                    try:
+                        env[node] = getattr(interpreter, node.op)(node.target, call_args, kwargs)
+                    except Exception:
+                        if in_cone:
+                            return False
+                    else:
+                        annotate(node, env[node])
+            node = node.next
+        return True
+
+    try:
+        with torch.no_grad():
+            done = run()
+        yield done
+    finally:
+        for node, meta in saved.items():
+            node.meta.pop("tensor_meta", None)
+            node.meta.pop(VALUE_KEY, None)
+            node.meta.update(meta)
 
 
 def _placeholder_spec(gm: GraphModule, placeholder: Node) -> tuple[int, int, Tensor] | None:
@@ -146,7 +209,7 @@ class SymbolicCone:
                  held: tuple[int, ...] = (1,)) -> None:
         self.env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
         mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
-        device = next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu"))
+        device = next((t.device for t in itertools.chain(gm.parameters(), gm.buffers())), torch.device("cpu"))
         downstream = {start}
         for node in gm.graph.nodes:
             if node.op != "output" and any(arg in downstream for arg in node.all_input_nodes):

@@ -17,7 +17,7 @@ from torch.fx import symbolic_trace
 from fxcanon import canonicalize, get_report
 from fxcanon.equivalence import check_equivalence, randomize_batchnorms, relative_error
 from fxcanon.models import RelationNetwork
-from fxcanon.shapes import SymbolicCone, record_hint_shapes, record_shapes
+from fxcanon.shapes import HINTED_KEY, SymbolicCone, record_hint_shapes, record_shapes
 from fxcanon.zoo import MIN_SIZE, ZOO, build, count_batchnorms
 
 D = torch.float64
@@ -93,6 +93,33 @@ def _canonized(name):
 def test_reshapes_that_keep_channels_apart_fold_without_guard(name):
     _, gm = _canonized(name)
     assert not get_report(gm).left and not get_report(gm).entries["bn"].guards, get_report(gm)
+
+
+@pytest.mark.parametrize("name", FOLDING)
+def test_cones_fold_from_a_seed_of_the_batchnorms_output_alone(name):
+    """No whole-model run: the BatchNorm's output at sizes of its own feeds the cone, whose shapes
+    are forgotten afterwards."""
+    _, gm = _canonized(name)
+    assert HINTED_KEY not in gm.meta
+    assert not any("tensor_meta" in node.meta for node in gm.graph.nodes)
+
+
+class JoinedOutside(nn.Module):
+    """The BatchNorm's output joins a tensor from outside its cone: its shape needs the model run."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm2d(4), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.cat([self.bn(x), x[:, :1]], 1).mean((2, 3)))
+
+
+def test_cones_joining_outside_tensors_record_shapes_from_the_model():
+    model = _prepared(JoinedOutside())
+    gm = canonicalize(symbolic_trace(model))
+    assert gm.meta[HINTED_KEY] and count_batchnorms(gm) == 0 and not get_report(gm).entries["bn"].guards
+    _assert_same(model, gm, [(1, 4, 3, 5), (2, 4, 8, 8)])
 
 
 @given(st.sampled_from(sorted(FOLDING)), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9))
