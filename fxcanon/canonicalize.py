@@ -76,7 +76,7 @@ def _unshare(gm: GraphModule, caller: nn.Module) -> None:
     owned = {id(m) for m in caller.modules()} | {id(t) for t in caller.parameters()} | \
         {id(t) for t in caller.buffers()}
     memo: dict[int, Any] = {}
-    pending = [gm]  # gm's own modules: the copies made here and the fused ones share nothing
+    pending: list[nn.Module] = [gm]  # gm's own modules: the copies made here and the fused ones share nothing
     while pending:
         module = pending.pop()
         for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
@@ -115,8 +115,9 @@ def canonicalize(
     into ``conv2``; ``preset="paper"`` chooses as Pahde et al.'s canonizers do (see
     :func:`fxcanon.passes.ordered`).
     """
-    if example_inputs is None and callable(getattr(model, "example_inputs", None)):
-        example_inputs = model.example_inputs()
+    own_inputs = getattr(model, "example_inputs", None)
+    if example_inputs is None and callable(own_inputs):
+        example_inputs = own_inputs()
     if isinstance(model, GraphModule):  # work on a copy: new containers, new graph, same leaf modules
         gm = GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
     else:

@@ -83,10 +83,12 @@ def fold_into_output(layer: LayerTensors, s: Tensor, t: Tensor, *, transposed: b
 
     A position-dependent bias is scaled with the weight: ``B' = s * B + t``.
     """
-    def scale(kernel: Tensor | None) -> Tensor | None:
-        return None if kernel is None else scale_output_channels(kernel, s, transposed=transposed, groups=groups)
+    def scale(kernel: Tensor) -> Tensor:
+        return scale_output_channels(kernel, s, transposed=transposed, groups=groups)
 
-    return LayerTensors(scale(layer.weight), s * layer.bias + t, scale(layer.bias_kernel), scale(layer.pad_kernel))
+    return LayerTensors(scale(layer.weight), s * layer.bias + t,
+                        None if layer.bias_kernel is None else scale(layer.bias_kernel),
+                        None if layer.pad_kernel is None else scale(layer.pad_kernel))
 
 
 def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transposed: bool = False, groups: int = 1,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -65,8 +66,10 @@ class ModuleFolder:
         reason = check_batchnorm(bn, allow_training)
         if reason is not None:
             return reason
+        # checked: running statistics present, eps a number
+        assert bn.running_mean is not None and bn.running_var is not None and not isinstance(bn.eps, Node)
         with torch.no_grad():  # fused tensors keep no autograd link to the caller's parameters
-            s, t = batchnorm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+            s, t = batchnorm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
         return Affine(s, t, s)
 
     def supports(self, view: LinearView) -> bool:
@@ -234,7 +237,7 @@ def _set_parameters(gm: GraphModule, view: LinearView, fused: Node) -> None:
     if "tensor_meta" not in bias.meta and "tensor_meta" in weight.meta:
         meta = weight.meta["tensor_meta"]
         bias.meta["tensor_meta"] = meta._replace(shape=torch.Size([view.out_channels]))
-    names = LINEAR_FUNCTIONS[view.node.target][0]
+    names = LINEAR_FUNCTIONS[cast(Callable[..., Any], view.node.target)][0]
     values = {"input": view.node.args[0] if view.node.args else view.node.kwargs["input"], "weight": weight,
               "bias": bias, "stride": view.stride, "padding": view.padding, "dilation": view.dilation,
               "groups": view.groups, "output_padding": view.output_padding}

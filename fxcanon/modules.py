@@ -100,7 +100,7 @@ class _FusedLayer:
     the meta device: tensors there hold no data (``fxcanon.rewrite.build_layer`` builds a layer
     there, then gives it every parameter)."""
 
-    weight: nn.Parameter
+    weight: Tensor
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:

@@ -56,8 +56,8 @@ def build_layer(view: LinearView, tensors: LayerTensors, input_pad: tuple[int, .
         layer = cls(view.in_channels, view.out_channels, device="meta")
     else:
         kernel_size = tuple(view.weight.shape[2:])
-        common = dict(stride=view.stride, padding=view.padding, dilation=view.dilation, groups=view.groups,
-                      padding_mode=view.padding_mode, device="meta")
+        common: dict[str, Any] = {"stride": view.stride, "padding": view.padding, "dilation": view.dilation,
+                                  "groups": view.groups, "padding_mode": view.padding_mode, "device": "meta"}
         if view.transposed:
             common["output_padding"] = view.output_padding
         layer = cls(view.in_channels, view.out_channels, kernel_size, **common)
@@ -126,11 +126,12 @@ def install_layer(gm: GraphModule, view: LinearView, layer: nn.Module) -> Node:
     if node.op == "call_module":
         if not node.args:  # keyword input (``conv(input=x)``): fused layers take it by position
             node.args, node.kwargs = (call_input(node),), {k: v for k, v in node.kwargs.items() if k != "input"}
-        parent = _own_container(gm, node.target)
+        target = str(node.target)
+        parent = _own_container(gm, target)
         if parent is not None and _sole_use(gm, node):
-            setattr(parent, node.target.rpartition(".")[2], layer)
+            setattr(parent, target.rpartition(".")[2], layer)
         else:
-            node.target = fresh_name(gm, f"{node.target}_fused")
+            node.target = fresh_name(gm, f"{target}_fused")
             gm.add_submodule(node.target, layer)
         return node
     name = fresh_name(gm, f"{node.name}_fused")
@@ -179,9 +180,10 @@ def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, rule: str | Non
     vector = not (view.transposed or view.zero_padded or pad is not None or view.input_pad
                   or view.bias_kernel is not None)
     device = view.weight.device
-    takes_pad = pad is not None and not view.input_pad  # else the layer holds this padding already
+    # the layer takes over the padding's value unless it holds this padding already
+    pad_value = pad.value if pad is not None and not view.input_pad else None
     tensors = fold_into_input(layer_tensors(view), s_in.to(device), t_in.to(device), transposed=view.transposed,
-                              groups=view.groups, vector_bias=vector, pad_value=pad.value if takes_pad else None)
+                              groups=view.groups, vector_bias=vector, pad_value=pad_value)
     fused = install_layer(gm, view, build_layer(view, tensors, pad.pad if pad is not None else view.input_pad))
     if pad is not None and pad.value != 0.0:  # the graph now pads with 0; pad_kernel restores the value
         pad.node.op, pad.node.target = "call_function", F.pad
