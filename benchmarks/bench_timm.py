@@ -76,7 +76,7 @@ def main() -> None:
         reasons.update(re.sub(r"\b\w+_\d+\b", "<node>", r)[:160] for r in why)
         rows.append(f"| {name} | {count} | {len(why)} | {error:.1e} | {seconds:.2f} |")
         print(rows[-1], flush=True)
-    summary = f"{total - left} of {total} BatchNorms folded ({100 * (total - left) / max(total, 1):.1f}%), " \
+    summary = f"{total - left} of {total} BatchNorms folded ({100 * (total - left) / max(total, 1):.2f}%), " \
               f"with no example inputs, {len(args.models) - len(failed)} models; largest relative error " \
               f"{max(errors, default=0.0):.1e}."
     body = "\n".join([summary, "", *rows, "", "Reasons left (counted):", "",
