@@ -75,6 +75,7 @@ def main() -> None:
     rows = ["| model (timm) | input | guards | original (ms) | canonized, guards (ms) | canonized, no guards (ms) "
             "| guards cost |", "|---|---|---|---|---|---|---|"]
     counts: dict[str, int] = {}
+    shares: list[float] = []
     for name in MODELS:
         model = randomize_batchnorms(timm.create_model(name, pretrained=False)).eval()
         guarded = canonicalize(symbolic_trace(model))
@@ -87,6 +88,7 @@ def main() -> None:
                 times = medians(rotated_times({"original": lambda: model(x), "guards": lambda: guarded(x),
                                                    "none": lambda: plain(x)}, args.repeats))
             cost = times["guards"] - times["none"]
+            shares.append(100 * cost / times["none"])
             rows.append(f"| {name} | {batch}x3x{side}x{side} | {guard_count(guarded)} | {times['original']:.2f} | "
                         f"{times['guards']:.2f} | {times['none']:.2f} | {cost:+.2f} ms "
                         f"({100 * cost / times['none']:+.1f}%) |")
@@ -98,8 +100,8 @@ def main() -> None:
             "convolution that absorbed a functional BatchNorm (timm's `BatchNormAct2d`). One check alone costs "
             f"{one * 1e6:.2f} us here, so {MODELS[0]}'s guards add about "
             f"{one * 1e3 * counts[MODELS[0]]:.3f} ms "
-            "per call. The table's differences (within about 1.5%, not always of the same sign) are at the "
-            "level of this shared machine's run-to-run noise.")
+            f"per call, far below the table's differences (from {min(shares):+.1f}% to {max(shares):+.1f}% in this "
+            "run), which are this shared machine's run-to-run noise.")
     if not args.no_write:
         write_section("guards", body)
 
