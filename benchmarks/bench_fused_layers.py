@@ -40,14 +40,16 @@ LAYERS = [
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Milliseconds per call of each function, timed round by round so that load spikes hit all alike."""
+    """Milliseconds per call of each function, timed round by round so that load spikes hit all alike;
+    the order rotates every round (no function always runs right after another)."""
+    labels = list(fns)
     times: dict[str, list[float]] = {label: [] for label in fns}
     for fn in fns.values():
         fn()
-    for _ in range(repeats):
-        for label, fn in fns.items():
+    for round_ in range(repeats):
+        for label in labels[round_ % len(labels):] + labels[:round_ % len(labels)]:
             start = time.perf_counter()
-            fn()
+            fns[label]()
             times[label].append(1000 * (time.perf_counter() - start))
     return times
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 import timeit
-from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -24,7 +22,7 @@ import torch
 from torch.fx import GraphModule, symbolic_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fused_layers import medians  # noqa: E402
+from bench_fused_layers import interleaved_times, medians  # noqa: E402
 from results import write_section  # noqa: E402
 
 from fxcanon import canonicalize  # noqa: E402
@@ -32,20 +30,6 @@ from fxcanon.equivalence import randomize_batchnorms  # noqa: E402
 from fxcanon.views import shape_holds  # noqa: E402
 
 MODELS = ["efficientnet_b0", "mobilenetv3_small_100"]
-
-
-def rotated_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Milliseconds per call of each function, round by round, the order rotated every round (no
-    function always runs right after another)."""
-    labels, times = list(fns), {label: [] for label in fns}
-    for fn in fns.values():
-        fn()
-    for round_ in range(repeats):
-        for label in labels[round_ % len(labels):] + labels[:round_ % len(labels)]:
-            start = time.perf_counter()
-            fns[label]()
-            times[label].append(1000 * (time.perf_counter() - start))
-    return times
 
 
 def guard_count(gm: GraphModule) -> int:
@@ -85,7 +69,7 @@ def main() -> None:
             x = torch.randn(batch, 3, side, side)
             with torch.no_grad():
                 torch.testing.assert_close(guarded(x), plain(x), rtol=0, atol=0)
-                times = medians(rotated_times({"original": lambda: model(x), "guards": lambda: guarded(x),
+                times = medians(interleaved_times({"original": lambda: model(x), "guards": lambda: guarded(x),
                                                    "none": lambda: plain(x)}, args.repeats))
             cost = times["guards"] - times["none"]
             shares.append(100 * cost / times["none"])
