@@ -1,5 +1,6 @@
 """Identity-branch BatchNorms folded into a sibling layer; BatchNorms of parameters alone precomputed."""
 
+import copy
 import operator
 
 import pytest
@@ -224,3 +225,22 @@ def test_timm_identity_branches_and_weight_standardization_fold(name):
     gm = canonicalize(model)
     assert not get_report(gm).left and not batchnorm_calls(gm)
     assert_same(model, gm, torch.randn(1, 3, 64, 48, dtype=D))
+
+
+def test_identity_branch_and_precomputed_folds_survive_downstream_use():
+    """channels_last inputs, deepcopy, torch.export, torch.compile(fullgraph=True) and a backward
+    that leaves the caller's parameters without gradients."""
+    conv = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)
+    model = randomize_batchnorms(nn.Sequential(StdConv(8, 8, 1, gain=True),
+                                               Branches(conv, nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)))).eval().double()
+    gm = canonicalize(model)
+    rules = {f.rule for e in get_report(gm).entries.values() for f in e.folds}
+    assert {IDENTITY_BRANCH, PRECOMPUTED} <= rules and not batchnorm_calls(gm)
+    x = torch.randn(3, 8, 11, 6, dtype=torch.float64)
+    assert_same(model, gm, x.contiguous(memory_format=torch.channels_last))
+    assert_same(model, copy.deepcopy(gm), x)
+    assert_same(model, torch.export.export(gm, (x,)).module(), x)
+    torch._dynamo.reset()
+    assert_same(model, torch.compile(gm, fullgraph=True, backend="eager"), x)
+    gm(x.requires_grad_()).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
