@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,11 @@ from .shapes import record_shapes
 
 _MAX_ROUNDS = 8
 
+try:  # generates code only when asked: the working copy's code would be regenerated unused
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _Working
+except ImportError:  # pragma: no cover
+    _Working = GraphModule  # type: ignore[misc]
+
 
 def run_passes(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: int = _MAX_ROUNDS) -> GraphModule:
     """Run ``passes`` in order, again while any of them changes the graph (a fold can enable another).
@@ -28,18 +34,23 @@ def run_passes(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: 
     Like ``torch.fx.passes.infra.PassManager`` with ``steps``, but regenerating code once, after
     the last pass, rather than after every pass (codegen dominated canonicalization time that way).
     """
+    if _run(gm, passes, max_rounds):
+        regenerate(gm)
+    return gm
+
+
+def _run(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: int) -> bool:
+    """Edit ``gm``'s graph with ``passes`` until none changes it; True if any did."""
     changed = False
     for _ in range(max_rounds):
         modified = False
         for canon_pass in passes:
             result = canon_pass.run(gm)
-            gm, modified = result.graph_module, modified or result.modified
+            modified = modified or result.modified
         changed = changed or modified
         if not modified:
             break
-    if changed:
-        regenerate(gm)
-    return gm
+    return changed
 
 
 class _Tracer(Tracer):
@@ -49,7 +60,7 @@ class _Tracer(Tracer):
         return type(m).__module__ == modules.__name__ or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module) -> GraphModule:
+def trace(model: nn.Module, graph_module_cls: type[GraphModule] = GraphModule) -> GraphModule:
     """``symbolic_trace(model)`` (fxcanon's modules stay leaves), with a CanonizationError that
     says what to do if it fails."""
     if isinstance(model, GraphModule):
@@ -57,7 +68,7 @@ def trace(model: nn.Module) -> GraphModule:
     try:
         tracer = _Tracer()
         graph = tracer.trace(model)
-        return GraphModule(tracer.root, graph, type(model).__name__)
+        return graph_module_cls(tracer.root, graph, type(model).__name__)
     except Exception as error:
         raise CanonizationError(
             f"could not trace {type(model).__name__} with torch.fx.symbolic_trace ({type(error).__name__}: "
@@ -68,6 +79,33 @@ def trace(model: nn.Module) -> GraphModule:
 def _copied(value: Any) -> Any:
     """Example inputs as copies: a model that changes its input in place must not change the caller's."""
     return value.clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+
+
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
+_TENSOR_DICTS = ("_parameters", "_buffers")
+
+
+def _immutable(value: Any) -> bool:
+    return isinstance(value, _IMMUTABLE) or (type(value) is tuple and all(map(_immutable, value)))
+
+
+def _copy_plain(module: nn.Module, memo: dict[int, Any]) -> nn.Module | None:
+    """``copy.deepcopy(module, memo)`` for a module that holds nothing but tensors, immutable values
+    and flat collections of them (ReLU, pooling, a Conv2d: no children, no hooks), without deepcopy's
+    generic walk; None for any other module."""
+    state: dict[str, Any] = {}
+    for key, value in vars(module).items():
+        if key in _TENSOR_DICTS and type(value) is dict:
+            state[key] = {name: copy.deepcopy(tensor, memo) for name, tensor in value.items()}
+        elif type(value) in (list, set, dict, OrderedDict) and all(map(_immutable, value)) and \
+                (type(value) not in (dict, OrderedDict) or not value):  # dicts: hooks, children
+            state[key] = type(value)(value)
+        elif not _immutable(value):
+            return None
+    new = copy.copy(module)
+    new.__dict__.update(state)
+    memo[id(module)] = new
+    return new
 
 
 def _unshare(gm: GraphModule, caller: nn.Module) -> None:
@@ -84,7 +122,8 @@ def _unshare(gm: GraphModule, caller: nn.Module) -> None:
                 setattr(module, attr, copy.deepcopy(tensor, memo))
         for child_name, child in list(module.named_children()):
             if id(child) in owned:
-                setattr(module, child_name, copy.deepcopy(child, memo))
+                copied = memo.get(id(child)) or _copy_plain(child, memo) or copy.deepcopy(child, memo)
+                setattr(module, child_name, copied)
             else:
                 pending.append(child)
 
@@ -119,9 +158,9 @@ def canonicalize(
     if example_inputs is None and callable(own_inputs):
         example_inputs = own_inputs()
     if isinstance(model, GraphModule):  # work on a copy: new containers, new graph, same leaf modules
-        gm = GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
+        gm = _Working(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
     else:
-        gm = trace(model)
+        gm = trace(model, _Working)
     if example_inputs is not None:
         inputs = tuple(_copied(x) for x in ((example_inputs,) if isinstance(example_inputs, Tensor)
                                             else example_inputs))
@@ -130,7 +169,10 @@ def canonicalize(
     folder = ModuleFolder()  # one for all passes: each BatchNorm's affine map computed once
     selected = [p(report, allow_training=allow_training, folder=folder) if isinstance(p, type) else p
                 for p in ordered(DEFAULT_PASSES if passes is None else passes, prefer, preset, gm)]
-    out = run_passes(gm, selected)
+    if _run(gm, selected, _MAX_ROUNDS):
+        gm.graph.lint()
+    out = GraphModule(gm, gm.graph, class_name=type(gm).__name__)  # the modules the graph uses, its code
+    out.meta = gm.meta
     record_unread(out, report)
     _unshare(out, model)
     out.meta[REPORT_KEY] = report

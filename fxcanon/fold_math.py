@@ -30,46 +30,51 @@ def batchnorm_affine(
     return s, beta - s * mean
 
 
-def _times(tensor: Tensor, factor: Tensor) -> Tensor:
-    """``tensor * factor`` in float64: a float64 copy of ``tensor`` scaled in place, bit for bit the
-    product and twice as fast as a mixed-dtype product (which makes float64 temporaries of both)."""
-    return tensor.to(torch.float64, copy=True).mul_(factor)
+def _times(tensor: Tensor, factor: Tensor, owned: bool) -> Tensor:
+    """``tensor * factor`` in float64: a float64 copy of ``tensor`` (``tensor`` itself if ``owned``, a
+    float64 tensor of the caller's own) scaled in place, bit for bit the product and twice as fast as
+    a mixed-dtype product (which makes float64 temporaries of both)."""
+    return (tensor if owned else tensor.to(torch.float64, copy=True)).mul_(factor)
 
 
-def _scale_dim0(weight: Tensor, scale: Tensor) -> Tensor:
-    return _times(weight, scale.reshape(-1, *([1] * (weight.dim() - 1))))
+def _scale_dim0(weight: Tensor, scale: Tensor, owned: bool) -> Tensor:
+    return _times(weight, scale.reshape(-1, *([1] * (weight.dim() - 1))), owned)
 
 
-def _scale_dim1_per_group(weight: Tensor, scale: Tensor, groups: int) -> Tensor:
+def _scale_dim1_per_group(weight: Tensor, scale: Tensor, groups: int, owned: bool) -> Tensor:
     """``weight[g * (n0/groups) + i, j] * scale[g * n1 + j]``: dim 1 indexes channels within a group."""
     shape = weight.shape
     grouped = weight.reshape(groups, shape[0] // groups, *shape[1:])
-    return _times(grouped, scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))).reshape(shape)
+    return _times(grouped, scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2))), owned).reshape(shape)
 
 
-def scale_output_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
-    """``diag(s) W``: scale each output channel (A.5).
+def scale_output_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1,
+                          owned: bool = False) -> Tensor:
+    """``diag(s) W``: scale each output channel (A.5). ``owned``: ``weight`` is a float64 tensor the
+    caller hands over, scaled in place.
 
     Linear/ConvNd: dim 0. ConvTransposeNd: out-channel ``g * (out/groups) + j`` lives at
     ``weight[g * (in/groups):(g + 1) * (in/groups), j]``, so dim 1 alone is right only for groups=1.
     """
-    return _scale_dim1_per_group(weight, scale, groups) if transposed else _scale_dim0(weight, scale)
+    return _scale_dim1_per_group(weight, scale, groups, owned) if transposed else _scale_dim0(weight, scale, owned)
 
 
-def scale_input_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
-    """``W diag(s)``: scale each input channel (A.9).
+def scale_input_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1,
+                         owned: bool = False) -> Tensor:
+    """``W diag(s)``: scale each input channel (A.9). ``owned`` as for :func:`scale_output_channels`.
 
     Linear: dim 1. ConvNd: out-channel ``o`` of group ``g`` sees input channel ``g * (in/groups) + j``
     at ``weight[o, j]``. ConvTransposeNd: dim 0.
     """
-    return _scale_dim0(weight, scale) if transposed else _scale_dim1_per_group(weight, scale, groups)
+    return _scale_dim0(weight, scale, owned) if transposed else _scale_dim1_per_group(weight, scale, groups, owned)
 
 
 @dataclass(frozen=True)
 class LayerTensors:
     """The tensors of a linear-like layer; kernels have the weight's layout (see modules).
 
-    Results of the fold functions are float64; inputs may be the layer's own dtype."""
+    Inputs are the layer's own tensors; the fold functions return new float64 tensors for what they
+    change and pass the others through."""
 
     weight: Tensor
     bias: Tensor
@@ -107,8 +112,11 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
     """
     if vector_bias and transposed:
         raise ValueError("a transposed convolution's shift is position-dependent: vector_bias must be False")
-    shift = scale_input_channels(layer.weight, t_in, transposed=transposed, groups=groups)
-    weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
+    weight64 = layer.weight.to(torch.float64, copy=True)
+    # the shift reads the unscaled weight: before weight64 is scaled in place
+    shift = _input_shift(weight64, t_in, groups) if vector_bias else \
+        scale_input_channels(weight64, t_in, transposed=transposed, groups=groups)
+    weight = scale_input_channels(weight64, s_in, transposed=transposed, groups=groups, owned=True)
     pad_kernel = layer.pad_kernel
     if pad_value is not None and (pad_value != 0.0 or layer.bias_kernel is not None):
         ring = layer.weight.double() * pad_value
@@ -116,9 +124,18 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
             ring = ring + layer.bias_kernel.double()
         pad_kernel = ring if pad_kernel is None else pad_kernel + ring
     if vector_bias:
-        return replace(layer, weight=weight, bias=layer.bias + shift.flatten(1).sum(1), pad_kernel=pad_kernel)
+        return replace(layer, weight=weight, bias=layer.bias + shift, pad_kernel=pad_kernel)
     bias_kernel = shift if layer.bias_kernel is None else layer.bias_kernel.double() + shift
     return replace(layer, weight=weight, bias_kernel=bias_kernel, pad_kernel=pad_kernel)
+
+
+def _input_shift(weight: Tensor, t_in: Tensor, groups: int) -> Tensor:
+    """``sum(W diag(t_in))`` per output channel of a Linear/ConvNd weight, in float64: the taps
+    summed first, then one product per input channel within each group."""
+    out = weight.shape[0]
+    taps = weight.double().reshape(out, weight.shape[1], -1)
+    taps = taps.sum(2) if taps.shape[2] > 1 else taps.reshape(out, -1)  # summing over one tap is slow
+    return torch.bmm(taps.reshape(groups, out // groups, -1), t_in.reshape(groups, -1, 1)).reshape(out)
 
 
 def add_identity(layer: LayerTensors, s: Tensor, t: Tensor) -> LayerTensors:
@@ -139,6 +156,8 @@ def channel_affine(channel_map: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, T
     """Per-input-channel ``(s_in, t_in)`` for a channel map (BatchNorm channel index, or -1 for
     features that do not come from the BatchNorm and keep the identity ``(1, 0)``)."""
     from_bn = channel_map >= 0
+    if bool(from_bn.all()):
+        return s[channel_map], t[channel_map]
     index = channel_map.clamp(min=0)
     s_in = torch.where(from_bn, s[index], torch.ones_like(s[index]))
     t_in = torch.where(from_bn, t[index], torch.zeros_like(t[index]))

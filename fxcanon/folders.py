@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from .affine import ForwardFold, Sink
@@ -41,7 +42,21 @@ class Affine:
     scale: Tensor | None
 
 
-class ModuleFolder:
+class _Folder:
+    """What both folders share: the submodules of the graph module they fold in."""
+
+    def __init__(self) -> None:
+        self._modules: tuple[weakref.ref[GraphModule], dict[str, nn.Module]] | None = None
+
+    def norm_modules(self, gm: GraphModule) -> dict[str, nn.Module]:
+        """``dict(gm.named_modules())`` as this folder first saw ``gm``: enough to tell which module
+        calls run a norm, since passes replace layers and add modules, but never add a norm."""
+        if self._modules is None or self._modules[0]() is not gm:
+            self._modules = (weakref.ref(gm), dict(gm.named_modules(remove_duplicate=False)))
+        return self._modules[1]
+
+
+class ModuleFolder(_Folder):
     """Fold the values the graph holds now into new fused modules.
 
     Each BatchNorm's affine map is computed once for all passes sharing the folder, again only
@@ -50,6 +65,7 @@ class ModuleFolder:
     graph_params = False
 
     def __init__(self) -> None:
+        super().__init__()
         self._affines: dict[tuple[Any, ...], tuple[tuple[Tensor | None, ...], Affine | Refusal]] = {}
 
     def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | Refusal:
@@ -132,7 +148,7 @@ def _same(tensor: Tensor, copy: Tensor) -> bool:
         and torch.equal(tensor, copy)
 
 
-class GraphFolder:
+class GraphFolder(_Folder):
     """Emit folds as computations of the parameter nodes (functional layers only).
 
     With ``cache`` (for graphs run eagerly) each emitted fold of parameters is a :class:`CachedFold`;
@@ -143,6 +159,7 @@ class GraphFolder:
     graph_params = True
 
     def __init__(self, cache: bool = False) -> None:
+        super().__init__()
         self.cache = cache
 
     def _fn(self, fn: Any) -> Any:

@@ -28,13 +28,14 @@ _UNREAD_FUNCTIONS = {torch.cudnn_batch_norm, torch.ops.aten.batch_norm.default,
 _NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def is_norm_call(gm: GraphModule, node: Node) -> bool:
-    """True if ``node`` runs a BatchNorm or an InstanceNorm, in any spelling, directly (not inside a leaf module)."""
+def is_norm_call(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None = None) -> bool:
+    """True if ``node`` runs a BatchNorm or an InstanceNorm, in any spelling, directly (not inside a
+    leaf module). ``modules``: ``dict(gm.named_modules())``, when the caller asks for many nodes."""
     if node.op == "call_function":
         return function_kind(node.target) is not None or node.target in _UNREAD_FUNCTIONS
     if node.op != "call_module":
         return False
-    module = gm.get_submodule(str(node.target))
+    module = modules[str(node.target)] if modules is not None else gm.get_submodule(str(node.target))
     return isinstance(module, _NORM_MODULES) or module_kind(module) is not None
 
 
@@ -54,10 +55,10 @@ def _per_sample_call(gm: GraphModule, node: Node) -> bool:
     return {**spelling.defaults, **bind_args(node, spelling.args)}.get(kind.flag) == kind.flag_selects
 
 
-def is_batchnorm_call(gm: GraphModule, node: Node) -> bool:
+def is_batchnorm_call(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None = None) -> bool:
     """True if ``node`` runs a norm that is a BatchNorm or acts as one (an InstanceNorm with running
     statistics), in any spelling, directly (not inside a leaf module)."""
-    return is_norm_call(gm, node) and not _per_sample_call(gm, node)
+    return is_norm_call(gm, node, modules) and not _per_sample_call(gm, node)
 
 
 def _unread_reason(gm: GraphModule, node: Node) -> Refusal:
@@ -100,11 +101,12 @@ def _inner_norms(module: nn.Module, prefix: str) -> Iterator[tuple[str, Refusal]
 
 def record_unread(gm: GraphModule, report: Report) -> None:
     """Add a report entry for every norm still in ``gm`` that no pass reported."""
+    modules = dict(gm.named_modules(remove_duplicate=False))
     for node in gm.graph.nodes:
-        if is_norm_call(gm, node):
+        if is_norm_call(gm, node, modules):
             if node.name not in report.entries:
                 report.entry(node.name, str(node.target) if node.op == "call_module" else node.name).refusals = \
                     [_unread_reason(gm, node)]
         elif node.op == "call_module":
-            for name, refusal in _inner_norms(gm.get_submodule(str(node.target)), str(node.target)):
+            for name, refusal in _inner_norms(modules[str(node.target)], str(node.target)):
                 report.entry(name, name).refusals = [refusal]

@@ -27,8 +27,7 @@ _BASE_TYPES = {layout: base for base, layout in LINEAR_MODULES.items() if base i
 
 
 def layer_tensors(view: LinearView) -> LayerTensors:
-    """The layer's tensors: weights as they are (the fold math promotes them to float64 against the
-    float64 BatchNorm vectors, one pass over the weights), bias in float64 (zero if missing)."""
+    """The layer's tensors as they are (detached), bias in float64 (zero if missing)."""
     weight = view.weight.detach()
     bias = torch.zeros(view.out_channels, dtype=torch.float64, device=weight.device) if view.bias is None \
         else view.bias.detach().double()
@@ -36,20 +35,23 @@ def layer_tensors(view: LinearView) -> LayerTensors:
     return LayerTensors(weight, bias, *kernels)
 
 
-def _like(value: Tensor, reference: Tensor) -> nn.Parameter:
+def _like(value: Tensor, reference: Tensor, shared: set[int]) -> nn.Parameter:
     """A new Parameter holding ``value`` with the dtype, device, memory format and grad flag of
-    ``reference``; always a copy, so the canonized model shares no storage with the caller's."""
+    ``reference``; copied if it would share a storage in ``shared`` (the caller's layer's), so the
+    canonized model shares no storage with the caller's."""
     fmt = torch.preserve_format
     for channels_last, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
         if value.dim() == rank and reference.is_contiguous(memory_format=channels_last) \
                 and not reference.is_contiguous():
             fmt = channels_last
-    out = value.detach().to(dtype=reference.dtype, device=reference.device, memory_format=fmt, copy=True)
+    out = value.detach().to(dtype=reference.dtype, device=reference.device, memory_format=fmt)
+    if out.untyped_storage().data_ptr() in shared:
+        out = out.clone()
     return nn.Parameter(out, requires_grad=reference.requires_grad)
 
 
 def build_layer(view: LinearView, tensors: LayerTensors, input_pad: tuple[int, ...] = ()) -> nn.Module:
-    """A fused layer with ``view``'s hyperparameters and the given float64 tensors."""
+    """A fused layer with ``view``'s hyperparameters and the given tensors."""
     base = _BASE_TYPES[(view.spatial_dims, view.transposed)]
     cls = FUSED_FOR[base]
     if view.spatial_dims == 0:
@@ -62,12 +64,14 @@ def build_layer(view: LinearView, tensors: LayerTensors, input_pad: tuple[int, .
             common["output_padding"] = view.output_padding
         layer = cls(view.in_channels, view.out_channels, kernel_size, **common)
     reference = view.weight
-    layer.weight = _like(tensors.weight, reference)
-    layer.bias = _like(tensors.bias, reference if view.bias is None else view.bias)
+    shared = {t.untyped_storage().data_ptr() for t in (view.weight, view.bias, view.bias_kernel, view.pad_kernel)
+              if t is not None}
+    layer.weight = _like(tensors.weight, reference, shared)
+    layer.bias = _like(tensors.bias, reference if view.bias is None else view.bias, shared)
     if tensors.bias_kernel is not None:
-        layer.bias_kernel = _like(tensors.bias_kernel, reference)
+        layer.bias_kernel = _like(tensors.bias_kernel, reference, shared)
     if tensors.pad_kernel is not None:
-        layer.pad_kernel = _like(tensors.pad_kernel, reference)
+        layer.pad_kernel = _like(tensors.pad_kernel, reference, shared)
     if input_pad:
         layer.input_pad = tuple(input_pad)
     layer.train(view.module.training if view.module is not None else False)
@@ -148,9 +152,9 @@ def install_layer(gm: GraphModule, view: LinearView, layer: nn.Module) -> Node:
 _OWN_FUNCTIONS = {batchnorm_affine, fused_output, fused_input, relu_factorization}  # emitted by GraphFolder
 
 
-def finish(gm: GraphModule, modified: bool) -> None:
-    """After a pass: drop unused ``get_attr`` nodes and unused fold computations the pass emitted;
-    if it changed the graph, check it (the caller then calls :func:`regenerate`).
+def finish(gm: GraphModule) -> None:
+    """After a pass: drop unused ``get_attr`` nodes and unused fold computations the pass emitted
+    (the caller then calls :func:`regenerate`, which checks the graph).
 
     Only nodes the passes orphaned go: a general dead-code sweep would also drop in-place
     calls whose results are unused.
@@ -162,13 +166,12 @@ def finish(gm: GraphModule, modified: bool) -> None:
         if not node.users and (node.op == "get_attr" or emitted(node)
                                or (node.target is operator.getitem and emitted(node.args[0]))):
             gm.graph.erase_node(node)
-    if not modified:
-        return
-    gm.graph.lint()
 
 
 def regenerate(gm: GraphModule) -> None:
-    """Bring the module in line with its edited graph: drop modules no longer called, regenerate code."""
+    """Bring the module in line with its edited graph: check the graph, drop modules no longer
+    called, regenerate code."""
+    gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
 

@@ -209,6 +209,7 @@ class SymbolicCone:
                  held: tuple[int, ...] = (1,)) -> None:
         self.env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
         mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
+        mode.cache_enabled = False
         device = next((t.device for t in itertools.chain(gm.parameters(), gm.buffers())), torch.device("cpu"))
         downstream = {start}
         for node in gm.graph.nodes:

@@ -52,4 +52,5 @@ def example_inputs(model: nn.Module, name: str, size: int = 224, batch: int = 1)
 def count_batchnorms(gm: GraphModule) -> int:
     """BatchNorm calls in a graph, in any spelling, InstanceNorms with running statistics included
     (:func:`fxcanon.inventory.is_batchnorm_call`)."""
-    return sum(is_batchnorm_call(gm, node) for node in gm.graph.nodes)
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    return sum(is_batchnorm_call(gm, node, modules) for node in gm.graph.nodes)

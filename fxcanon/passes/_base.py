@@ -58,7 +58,7 @@ class CanonizationPass(PassBase):
         ``reverse`` visits the last BatchNorm first (so ``BN -> BN -> conv`` folds in one sweep).
         Raises CanonizationError for training mode (unless allowed) and non-finite statistics.
         """
-        nodes, modules = list(gm.graph.nodes), dict(gm.named_modules())
+        nodes, modules = list(gm.graph.nodes), self.folder.norm_modules(gm)
         for node in reversed(nodes) if reverse else nodes:
             bn = batchnorm_view(gm, node, self.folder.graph_params, modules)
             if bn is None:

@@ -53,5 +53,5 @@ class ExplicitGates(CanonizationPass):
                 continue
             replace_with_module(graph_module, node, Gate(), (signal, gate), "gate")
             modified = True
-        finish(graph_module, modified)
+        finish(graph_module)
         return PassResult(graph_module, modified)

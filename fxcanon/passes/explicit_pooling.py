@@ -43,5 +43,5 @@ class ExplicitPooling(CanonizationPass):
             pool = module_type(**{k: v for k, v in args.items() if k != "input"})
             replace_with_module(graph_module, node, pool, (args["input"],), "pool")
             modified = True
-        finish(graph_module, modified)
+        finish(graph_module)
         return PassResult(graph_module, modified)

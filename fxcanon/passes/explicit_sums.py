@@ -149,5 +149,5 @@ class ExplicitSums(CanonizationPass):
                     stacked = graph.call_function(torch.stack, (values, -1))
             replace_with_module(graph_module, node, Sum(), (stacked,), "sum")
             modified = True
-        finish(graph_module, modified)
+        finish(graph_module)
         return PassResult(graph_module, modified)

@@ -49,5 +49,5 @@ class FoldBatchNormBackward(CanonizationPass):
                 erase_norm(graph_module, bn)
             entry.refusals = [] if plan.left_reason is None else [Refusal(KEPT_FOR_USERS, plan.left_reason)]
             modified = True
-        finish(graph_module, modified)
+        finish(graph_module)
         return PassResult(graph_module, modified)

@@ -48,7 +48,7 @@ class FoldBatchNormForward(CanonizationPass):
             entry.folds.extend(Fold(node.name, FORWARD) for node in fused)
             entry.refusals = []
             modified = True
-        finish(graph_module, modified)
+        finish(graph_module)
         return PassResult(graph_module, modified)
 
 

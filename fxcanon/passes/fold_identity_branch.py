@@ -188,7 +188,7 @@ class FoldIdentityBranch(CanonizationPass):
             entry.folds.append(Fold(fused.name, IDENTITY_BRANCH))
             entry.refusals = []
             modified = True
-        finish(graph_module, modified)
+        finish(graph_module)
         return PassResult(graph_module, modified)
 
     def _plan(self, gm: GraphModule, bn: BatchNormView, chain: list[Node], add: Node) -> _Plan | str:

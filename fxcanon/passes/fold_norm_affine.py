@@ -115,5 +115,5 @@ class FoldNormAffine(CanonizationPass):
             _drop_tail(graph_module, tail)
             entry.refusals = []
             modified = True
-        finish(graph_module, modified)
+        finish(graph_module)
         return PassResult(graph_module, modified)

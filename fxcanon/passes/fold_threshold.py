@@ -62,7 +62,7 @@ class FoldBatchNormThroughReLU(CanonizationPass):
             erase_norm(graph_module, bn)
             entry.refusals = []
             modified = True
-        finish(graph_module, modified)
+        finish(graph_module)
         return PassResult(graph_module, modified)
 
 

@@ -124,6 +124,8 @@ class PrecomputeParameterBatchNorms(CanonizationPass):
     """
 
     def call(self, graph_module: GraphModule) -> PassResult:
+        if not any(n.op == "call_function" and function_kind(n.target) for n in graph_module.graph.nodes):
+            return PassResult(graph_module, False)  # only a functional norm can read parameters alone
         constant = _Constants(graph_module)
         modified, erased = False, set()
         for node in list(graph_module.graph.nodes):
@@ -162,5 +164,5 @@ class PrecomputeParameterBatchNorms(CanonizationPass):
                 done.folds.extend(Fold(name, PRECOMPUTED) for name in consumers)
                 done.refusals = []
             modified = True
-        finish(graph_module, modified)
+        finish(graph_module)
         return PassResult(graph_module, modified)
