@@ -23,9 +23,10 @@ from .shapes import record_shapes
 _MAX_ROUNDS = 8
 
 try:  # generates code only when asked: the working copy's code would be regenerated unused
-    from torch.fx._lazy_graph_module import _LazyGraphModule as _Working
+    from torch.fx._lazy_graph_module import _LazyGraphModule
 except ImportError:  # pragma: no cover
-    _Working = GraphModule  # type: ignore[misc]
+    _LazyGraphModule = GraphModule  # type: ignore[misc,assignment]
+_WORKING: type[GraphModule] = _LazyGraphModule
 
 
 def run_passes(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: int = _MAX_ROUNDS) -> GraphModule:
@@ -158,9 +159,9 @@ def canonicalize(
     if example_inputs is None and callable(own_inputs):
         example_inputs = own_inputs()
     if isinstance(model, GraphModule):  # work on a copy: new containers, new graph, same leaf modules
-        gm = _Working(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
+        gm: GraphModule = _WORKING(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
     else:
-        gm = trace(model, _Working)
+        gm = trace(model, _WORKING)
     if example_inputs is not None:
         inputs = tuple(_copied(x) for x in ((example_inputs,) if isinstance(example_inputs, Tensor)
                                             else example_inputs))
