@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Tracer
 
@@ -40,8 +41,10 @@ def run_passes(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: 
     return gm
 
 
+@torch.no_grad()
 def _run(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: int) -> bool:
-    """Edit ``gm``'s graph with ``passes`` until none changes it; True if any did."""
+    """Edit ``gm``'s graph with ``passes`` until none changes it; True if any did. Without autograd:
+    fused tensors keep no link to the caller's parameters, and no op on them records one."""
     changed = False
     for _ in range(max_rounds):
         modified = False

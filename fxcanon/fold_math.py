@@ -1,5 +1,6 @@
 """Fold math: pure tensor functions, no graph. Everything is computed in float64: BatchNorm
-vectors are float64, and weights of lower precision are promoted to float64 by the products.
+vectors are float64, and weights of lower precision are promoted to float64 by the products
+(a block at a time: a scaled weight is rounded once to its own dtype as it is computed).
 
 Notation (``../shared/design/canonization-math.md``): an eval-mode BatchNorm is the per-channel
 affine map ``BN(x) = s * x + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta - s * mean``.
@@ -30,11 +31,28 @@ def batchnorm_affine(
     return s, beta - s * mean
 
 
+_BLOCK = 1 << 18  # elements per float64 block of a product
+
+
 def _times(tensor: Tensor, factor: Tensor, owned: bool) -> Tensor:
-    """``tensor * factor`` in float64: a float64 copy of ``tensor`` (``tensor`` itself if ``owned``, a
-    float64 tensor of the caller's own) scaled in place, bit for bit the product and twice as fast as
-    a mixed-dtype product (which makes float64 temporaries of both)."""
-    return (tensor if owned else tensor.to(torch.float64, copy=True)).mul_(factor)
+    """``tensor * factor`` computed in float64 and rounded once to ``tensor``'s dtype (bit for bit
+    the float64 product, then the cast). ``owned``: ``tensor`` is a float64 tensor the caller hands
+    over, scaled in place. Otherwise a tensor of lower precision is converted a block at a time
+    into its result, so no float64 copy of a large weight is ever allocated; under
+    ``torch.compile`` (one traced op) and for float64 the product is a scaled float64 copy.
+    """
+    if owned:
+        return tensor.mul_(factor)
+    if tensor.dtype == torch.float64 or torch.compiler.is_compiling():
+        return tensor.to(torch.float64, copy=True).mul_(factor)
+    out = torch.empty_like(tensor)
+    dim = next((d for d, n in enumerate(tensor.shape) if n > 1), 0)  # blocks along the first dim that has any
+    step = max(1, _BLOCK * tensor.shape[dim] // max(1, tensor.numel()))
+    varies = factor.dim() > dim and factor.shape[dim] > 1
+    for start in range(0, tensor.shape[dim], step):
+        block = (slice(None),) * dim + (slice(start, start + step),)
+        out[block] = tensor[block].double().mul_(factor[block] if varies else factor)
+    return out
 
 
 def _scale_dim0(weight: Tensor, scale: Tensor, owned: bool) -> Tensor:
@@ -73,8 +91,8 @@ def scale_input_channels(weight: Tensor, scale: Tensor, *, transposed: bool = Fa
 class LayerTensors:
     """The tensors of a linear-like layer; kernels have the weight's layout (see modules).
 
-    Inputs are the layer's own tensors; the fold functions return new float64 tensors for what they
-    change and pass the others through."""
+    Inputs are the layer's own tensors; the fold functions return new tensors for what they change
+    (biases in float64, scaled kernels rounded once to the kernel's dtype) and pass the others through."""
 
     weight: Tensor
     bias: Tensor

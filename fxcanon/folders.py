@@ -46,14 +46,15 @@ class _Folder:
     """What both folders share: the submodules of the graph module they fold in."""
 
     def __init__(self) -> None:
-        self._modules: tuple[weakref.ref[GraphModule], dict[str, nn.Module]] | None = None
+        self._seen: tuple[weakref.ref[GraphModule], dict[str, nn.Module], set[Node]] | None = None
 
-    def norm_modules(self, gm: GraphModule) -> dict[str, nn.Module]:
-        """``dict(gm.named_modules())`` as this folder first saw ``gm``: enough to tell which module
-        calls run a norm, since passes replace layers and add modules, but never add a norm."""
-        if self._modules is None or self._modules[0]() is not gm:
-            self._modules = (weakref.ref(gm), dict(gm.named_modules(remove_duplicate=False)))
-        return self._modules[1]
+    def norm_modules(self, gm: GraphModule) -> tuple[dict[str, nn.Module], set[Node]]:
+        """``dict(gm.named_modules())`` as this folder first saw ``gm``, and the nodes found to be
+        no norm source for good (:func:`fxcanon.views.never_a_norm`): enough to tell which calls run
+        a norm, since passes replace layers and add modules and nodes, but never add a norm."""
+        if self._seen is None or self._seen[0]() is not gm:
+            self._seen = (weakref.ref(gm), dict(gm.named_modules(remove_duplicate=False)), set())
+        return self._seen[1], self._seen[2]
 
 
 class ModuleFolder(_Folder):

@@ -272,6 +272,17 @@ def _tuple_element(node: Node) -> tuple[Node, int] | None:
     return (call, index) if isinstance(call, Node) and isinstance(index, int) and len(call.users) == 1 else None
 
 
+def never_a_norm(node: Node, modules: dict[str, nn.Module]) -> bool:
+    """True if ``node`` is no norm source whatever its arguments become: its op, function or module
+    type is none (``modules`` as for :func:`batchnorm_view`). A sweep may skip such nodes for good."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return module is None or module_kind(module) is None
+    if node.op == "call_function":
+        return node.target is not operator.getitem and function_kind(node.target) is None
+    return True
+
+
 def batchnorm_view(gm: GraphModule, node: Node, graph_params: bool = False,
                    modules: dict[str, nn.Module] | None = None) -> BatchNormView | None:
     """View ``node`` as a norm source (``fxcanon.kinds``), or None (``graph_params``: see ``_param``).
@@ -416,8 +427,11 @@ def check_batchnorm(bn: BatchNormView, allow_training: bool) -> Refusal | None:
     named = [(label, tensor) for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
                                                    ("weight", bn.weight), ("bias", bn.bias)) if tensor is not None]
     device = bn.running_var.device
-    if not torch.isfinite(torch.cat([tensor.reshape(-1).to(device) for _, tensor in named])).all():
-        label = next(label for label, tensor in named if not torch.isfinite(tensor).all())
+    # a float64 sum is finite iff every value is (values of lower precision cannot overflow it)
+    total = float(torch.cat([tensor.detach().reshape(-1).to(device, torch.float64) for _, tensor in named]).sum())
+    label = None if math.isfinite(total) else \
+        next((label for label, tensor in named if not torch.isfinite(tensor).all()), None)
+    if label is not None:
         raise CanonizationError(f"{kind} {bn.name!r} has NaN or Inf in its {label}")
     # the smallest variance decides: adding eps in float64 keeps the order of finite values
     if bn.running_var.numel() and float(bn.running_var.min()) + bn.eps <= 0:

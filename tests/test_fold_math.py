@@ -65,6 +65,42 @@ def test_fold_into_input_vector_bias_and_identity_columns():
     assert torch.equal(fused.weight[:, [2, 4]], w[:, [2, 4]])  # columns outside the BatchNorm untouched
 
 
+def test_fold_into_input_vector_bias_of_grouped_convolutions():
+    """The summed shift equals the sum of ``W diag(t)`` for groups, 1x1 and larger kernels, in float32 too."""
+    torch.manual_seed(1)
+    for groups, kernel, dtype in ((1, 1, D), (2, 3, D), (3, 1, torch.float32), (6, 2, torch.float32)):
+        w, b = torch.randn(6, 6 // groups, kernel, kernel, dtype=dtype), torch.randn(6, dtype=D)
+        s, t = torch.randn(6, dtype=D), torch.randn(6, dtype=D)
+        before = w.clone()
+        fused = fold_into_input(LayerTensors(w, b), s, t, groups=groups, vector_bias=True)
+        assert torch.equal(w, before)  # scaled on a copy
+        shift = scale_input_channels(w.double(), t, groups=groups).flatten(1).sum(1)
+        torch.testing.assert_close(fused.bias, b + shift, rtol=0, atol=1e-13)
+        assert torch.equal(fused.weight, scale_input_channels(w.double(), s, groups=groups))
+        assert fused.weight.dtype == D
+        x = torch.randn(2, 6, 5, 5, dtype=D)
+        torch.testing.assert_close(F.conv2d(x, fused.weight, fused.bias, groups=groups),
+                                   F.conv2d(s[:, None, None] * x + t[:, None, None], w.double(), b, groups=groups),
+                                   rtol=0, atol=1e-12)
+
+
+def test_scaled_weights_of_lower_precision_are_the_rounded_float64_product():
+    """Blocks or not, any layout and dtype: the float64 product rounded once, the input untouched."""
+    torch.manual_seed(2)
+    for shape, dtype in (((600, 700), torch.float32), ((3, 40000, 3), torch.float16), ((1, 300000), torch.bfloat16),
+                         ((513, 4, 3, 3), torch.float32)):
+        w = torch.randn(shape, dtype=dtype)
+        if w.dim() == 4:
+            w = w.to(memory_format=torch.channels_last)
+        s = torch.rand(shape[0], dtype=D) + 0.5
+        before = w.clone()
+        scaled = scale_output_channels(w, s)
+        assert torch.equal(w, before) and scaled.dtype == dtype and scaled.stride() == w.stride()
+        assert torch.equal(scaled, (w.double() * s.reshape(-1, *[1] * (w.dim() - 1))).to(dtype))
+        grouped = scale_input_channels(w, torch.rand(shape[1], dtype=D), transposed=False, groups=1)
+        assert grouped.dtype == dtype and grouped.shape == w.shape
+
+
 def _worked_example():
     """Supplement A.16-A.20: 3x3 input, 2x2 ones kernel, padding 1, BN with shift 1."""
     conv = nn.Conv2d(1, 1, 2, padding=1, bias=False).double()

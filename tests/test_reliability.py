@@ -13,6 +13,7 @@ from torch.fx import Graph, GraphModule, symbolic_trace
 from fxcanon import CanonizationError, canonicalize, get_report
 from fxcanon.equivalence import randomize_batchnorms, relative_error
 from fxcanon.modules import Sum
+from fxcanon.zoo import count_batchnorms
 
 from models import EditedOutput, SideBranchReLU
 
@@ -297,6 +298,53 @@ def test_a_module_used_twice_stays_one_module_in_the_copy():
 
     gm = canonicalize(Twice())
     assert gm.act is not None and sum(1 for _ in gm.modules()) == 2
+
+
+def test_modules_left_as_they_are_are_copies_with_their_own_state():
+    """Unfolded modules (stateless, with tensors, with hooks) are copies: no module, container or
+    tensor of the caller's is in the result, and a hook registered before canonicalize still fires."""
+    calls = []
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda *args: calls.append(1))
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1, padding=1), nn.MaxPool2d(2),
+                                   hooked, nn.Flatten(), nn.PReLU()))
+    gm = canonicalize(symbolic_trace(model))
+    theirs = {id(m) for m in model.modules()} | {id(t) for t in [*model.parameters(), *model.buffers()]}
+    for module in gm.modules():
+        assert id(module) not in theirs
+        assert not {id(v) for v in vars(module).values()} & {id(v) for m in model.modules() for v in vars(m).values()
+                                                             if isinstance(v, (dict, list, set))}
+    assert not _storages(gm) & _storages(model) and not {id(t) for t in gm.parameters()} & theirs
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    assert_same(model, gm, x)
+    assert len(calls) == 2  # the caller's module and its copy in gm, once each
+    model[1].inplace = True  # editing the caller's modules leaves the copies alone
+    assert not any(getattr(m, "inplace", False) for m in gm.modules())
+
+
+def test_a_batchnorm_registered_under_two_names_folds():
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.out = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+            self.norm = self.bn  # the same module under a second name
+
+        def forward(self, x):
+            return self.out(self.norm(self.conv(x)))
+
+    model = prepared(Aliased())
+    traced = symbolic_trace(model)
+    assert count_batchnorms(traced) == 1
+    gm = canonicalize(traced)
+    assert count_batchnorms(gm) == 0 and not get_report(gm).left
+    assert_same(model, gm, torch.randn(2, 3, 7, 7, dtype=D))
+
+
+def test_the_result_is_a_plain_graph_module_with_its_code():
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    gm = canonicalize(symbolic_trace(model))
+    assert type(gm).__mro__[1] is torch.fx.GraphModule and "bn" not in gm.code and get_report(gm).entries
+    assert_same(model, copy.deepcopy(gm), torch.randn(1, 3, 5, 5, dtype=D))
 
 
 # --- explicit sums ---------------------------------------------------------------------------------

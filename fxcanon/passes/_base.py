@@ -12,7 +12,7 @@ from ..folders import Affine, GraphFolder, ModuleFolder
 from ..guards import insert_guard
 from ..report import HOOKS, Entry, Refusal, Report
 from ..rewrite import regenerate
-from ..views import BatchNormView, batchnorm_view, has_hooks
+from ..views import BatchNormView, batchnorm_view, has_hooks, never_a_norm
 
 
 class CanonizationPass(PassBase):
@@ -58,10 +58,14 @@ class CanonizationPass(PassBase):
         ``reverse`` visits the last BatchNorm first (so ``BN -> BN -> conv`` folds in one sweep).
         Raises CanonizationError for training mode (unless allowed) and non-finite statistics.
         """
-        nodes, modules = list(gm.graph.nodes), self.folder.norm_modules(gm)
+        nodes, (modules, no_norms) = list(gm.graph.nodes), self.folder.norm_modules(gm)
         for node in reversed(nodes) if reverse else nodes:
+            if node in no_norms:
+                continue
             bn = batchnorm_view(gm, node, self.folder.graph_params, modules)
             if bn is None:
+                if never_a_norm(node, modules):
+                    no_norms.add(node)
                 continue
             entry = self.report.entry((bn.call or node).name, bn.name)
             if has_hooks(bn.module):
