@@ -34,15 +34,12 @@ def batchnorm_affine(
 _BLOCK = 1 << 18  # elements per float64 block of a product
 
 
-def _times(tensor: Tensor, factor: Tensor, owned: bool) -> Tensor:
-    """``tensor * factor`` computed in float64 and rounded once to ``tensor``'s dtype (bit for bit
-    the float64 product, then the cast). ``owned``: ``tensor`` is a float64 tensor the caller hands
-    over, scaled in place. Otherwise a tensor of lower precision is converted a block at a time
+def _times(tensor: Tensor, factor: Tensor) -> Tensor:
+    """``tensor * factor`` computed in float64 and rounded once to ``tensor``'s dtype: bit for bit
+    the float64 product, then the cast. A tensor of lower precision is converted a block at a time
     into its result, so no float64 copy of a large weight is ever allocated; under
     ``torch.compile`` (one traced op) and for float64 the product is a scaled float64 copy.
     """
-    if owned:
-        return tensor.mul_(factor)
     if tensor.dtype == torch.float64 or torch.compiler.is_compiling():
         return tensor.to(torch.float64, copy=True).mul_(factor)
     out = torch.empty_like(tensor)
@@ -55,36 +52,33 @@ def _times(tensor: Tensor, factor: Tensor, owned: bool) -> Tensor:
     return out
 
 
-def _scale_dim0(weight: Tensor, scale: Tensor, owned: bool) -> Tensor:
-    return _times(weight, scale.reshape(-1, *([1] * (weight.dim() - 1))), owned)
+def _scale_dim0(weight: Tensor, scale: Tensor) -> Tensor:
+    return _times(weight, scale.reshape(-1, *([1] * (weight.dim() - 1))))
 
 
-def _scale_dim1_per_group(weight: Tensor, scale: Tensor, groups: int, owned: bool) -> Tensor:
+def _scale_dim1_per_group(weight: Tensor, scale: Tensor, groups: int) -> Tensor:
     """``weight[g * (n0/groups) + i, j] * scale[g * n1 + j]``: dim 1 indexes channels within a group."""
     shape = weight.shape
     grouped = weight.reshape(groups, shape[0] // groups, *shape[1:])
-    return _times(grouped, scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2))), owned).reshape(shape)
+    return _times(grouped, scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))).reshape(shape)
 
 
-def scale_output_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1,
-                          owned: bool = False) -> Tensor:
-    """``diag(s) W``: scale each output channel (A.5). ``owned``: ``weight`` is a float64 tensor the
-    caller hands over, scaled in place.
+def scale_output_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
+    """``diag(s) W``: scale each output channel (A.5), in ``weight``'s dtype (see :func:`_times`).
 
     Linear/ConvNd: dim 0. ConvTransposeNd: out-channel ``g * (out/groups) + j`` lives at
     ``weight[g * (in/groups):(g + 1) * (in/groups), j]``, so dim 1 alone is right only for groups=1.
     """
-    return _scale_dim1_per_group(weight, scale, groups, owned) if transposed else _scale_dim0(weight, scale, owned)
+    return _scale_dim1_per_group(weight, scale, groups) if transposed else _scale_dim0(weight, scale)
 
 
-def scale_input_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1,
-                         owned: bool = False) -> Tensor:
-    """``W diag(s)``: scale each input channel (A.9). ``owned`` as for :func:`scale_output_channels`.
+def scale_input_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
+    """``W diag(s)``: scale each input channel (A.9), in ``weight``'s dtype (see :func:`_times`).
 
     Linear: dim 1. ConvNd: out-channel ``o`` of group ``g`` sees input channel ``g * (in/groups) + j``
     at ``weight[o, j]``. ConvTransposeNd: dim 0.
     """
-    return _scale_dim0(weight, scale, owned) if transposed else _scale_dim1_per_group(weight, scale, groups, owned)
+    return _scale_dim0(weight, scale) if transposed else _scale_dim1_per_group(weight, scale, groups)
 
 
 @dataclass(frozen=True)
@@ -130,11 +124,7 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
     """
     if vector_bias and transposed:
         raise ValueError("a transposed convolution's shift is position-dependent: vector_bias must be False")
-    weight64 = layer.weight.to(torch.float64, copy=True)
-    # the shift reads the unscaled weight: before weight64 is scaled in place
-    shift = _input_shift(weight64, t_in, groups) if vector_bias else \
-        scale_input_channels(weight64, t_in, transposed=transposed, groups=groups)
-    weight = scale_input_channels(weight64, s_in, transposed=transposed, groups=groups, owned=True)
+    weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
     pad_kernel = layer.pad_kernel
     if pad_value is not None and (pad_value != 0.0 or layer.bias_kernel is not None):
         ring = layer.weight.double() * pad_value
@@ -142,8 +132,13 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
             ring = ring + layer.bias_kernel.double()
         pad_kernel = ring if pad_kernel is None else pad_kernel + ring
     if vector_bias:
-        return replace(layer, weight=weight, bias=layer.bias + shift, pad_kernel=pad_kernel)
-    bias_kernel = shift if layer.bias_kernel is None else layer.bias_kernel.double() + shift
+        return replace(layer, weight=weight, bias=layer.bias + _input_shift(layer.weight, t_in, groups),
+                       pad_kernel=pad_kernel)
+    if layer.bias_kernel is None:
+        bias_kernel = scale_input_channels(layer.weight, t_in, transposed=transposed, groups=groups)
+    else:  # summed in float64, rounded once
+        bias_kernel = layer.bias_kernel.double() + \
+            scale_input_channels(layer.weight.double(), t_in, transposed=transposed, groups=groups)
     return replace(layer, weight=weight, bias_kernel=bias_kernel, pad_kernel=pad_kernel)
 
 
