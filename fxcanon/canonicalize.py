@@ -95,8 +95,11 @@ def _immutable(value: Any) -> bool:
 
 def _copy_plain(module: nn.Module, memo: dict[int, Any]) -> nn.Module | None:
     """``copy.deepcopy(module, memo)`` for a module that holds nothing but tensors, immutable values
-    and flat collections of them (ReLU, pooling, a Conv2d: no children, no hooks), without deepcopy's
-    generic walk; None for any other module."""
+    and flat collections of them (ReLU, pooling, a Conv2d: no children, no hooks, no copy protocol
+    of its own), without deepcopy's generic walk; None for any other module."""
+    if any(name in vars(cls) for cls in type(module).__mro__ if cls not in (nn.Module, object)
+           for name in ("__deepcopy__", "__getstate__", "__reduce_ex__", "__reduce__")):
+        return None
     state: dict[str, Any] = {}
     for key, value in vars(module).items():
         if key in _TENSOR_DICTS and type(value) is dict:
@@ -126,8 +129,8 @@ def _unshare(gm: GraphModule, caller: nn.Module) -> None:
                 setattr(module, attr, copy.deepcopy(tensor, memo))
         for child_name, child in list(module.named_children()):
             if id(child) in owned:
-                copied = memo.get(id(child)) or _copy_plain(child, memo) or copy.deepcopy(child, memo)
-                setattr(module, child_name, copied)
+                copied = memo[id(child)] if id(child) in memo else _copy_plain(child, memo)
+                setattr(module, child_name, copy.deepcopy(child, memo) if copied is None else copied)
             else:
                 pending.append(child)
 
