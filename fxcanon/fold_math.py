@@ -21,9 +21,10 @@ from torch import Tensor
 
 
 def batchnorm_affine(
-    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float | Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(s, t)`` of an eval-mode BatchNorm in float64 (A.3-A.4; gamma=1, beta=0 without affine)."""
+    """``(s, t)`` of an eval-mode BatchNorm in float64 (A.3-A.4; gamma=1, beta=0 without affine).
+    ``eps`` may be a float64 vector, one value per channel (several BatchNorms at once)."""
     mean, var = running_mean.double(), running_var.double()
     gamma = torch.ones_like(mean) if weight is None else weight.double()
     beta = torch.zeros_like(mean) if bias is None else bias.double()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 import weakref
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from .affine import ForwardFold, Sink
+from .errors import CanonizationError
 from .fold_math import batchnorm_affine, fold_into_output, fused_input, fused_output, relu_factorization
 from .modules import ThresholdReLU, conv_bias_map, threshold_relu
 from .report import GRAPH_INPUTS, TRAINING, Fold, Refusal, fold_record
@@ -56,6 +58,9 @@ class _Folder:
             self._seen = (weakref.ref(gm), dict(gm.named_modules(remove_duplicate=False)), set())
         return self._seen[1], self._seen[2]
 
+    def prefetch(self, views: list[BatchNormView], allow_training: bool) -> None:
+        """Prepare the affine maps of ``views`` before they are asked for one by one (no-op here)."""
+
 
 class ModuleFolder(_Folder):
     """Fold the values the graph holds now into new fused modules.
@@ -71,12 +76,49 @@ class ModuleFolder(_Folder):
 
     def affine(self, gm: GraphModule, bn: BatchNormView, allow_training: bool) -> Affine | Refusal:
         """The BatchNorm's affine map, or why it stays (raises for bad statistics and training mode)."""
-        tensors = (bn.running_mean, bn.running_var, bn.weight, bn.bias)  # kept alive: their ids stay theirs
-        key = (*(None if t is None else (id(t), t._version) for t in tensors), bn.eps, bn.training, id(bn.kind),
-               allow_training)
+        key = _key(bn, allow_training)
         if key not in self._affines:
-            self._affines[key] = (tensors, self._affine(bn, allow_training))
+            self._affines[key] = (_tensors(bn), self._affine(bn, allow_training))
         return self._affines[key][1]
+
+    def prefetch(self, views: list[BatchNormView], allow_training: bool) -> None:
+        """Compute the affine maps of ``views`` not known yet in one batch: each step one op over
+        all their channels (the same float64 values, element by element, as one at a time). Where
+        a value check fails, nothing is stored: :meth:`affine` then says which BatchNorm and why."""
+        todo: dict[tuple[Any, ...], BatchNormView] = {}
+        for bn in views:
+            key = _key(bn, allow_training)
+            if key in self._affines or key in todo:
+                continue
+            try:
+                reason = check_batchnorm(bn, allow_training, values=False)
+            except CanonizationError:  # raised in order by affine(), after the BatchNorms before it
+                break
+            if reason is None:
+                todo[key] = bn
+        device = next((bn.running_var.device for bn in todo.values() if bn.running_var is not None), None)
+        batch = {key: bn for key, bn in todo.items()
+                 if all(t is None or t.device == device for t in _tensors(bn))}
+        if len(batch) < 2:
+            return
+        parts: list[list[Tensor]] = [[], [], [], []]
+        for bn in batch.values():  # checked: running statistics present, eps a number
+            mean, var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
+            ones, zeros = mean.new_ones(()).expand(mean.numel()), mean.new_zeros(()).expand(mean.numel())
+            for part, tensor in zip(parts, (mean, var, ones if bn.weight is None else bn.weight,
+                                            zeros if bn.bias is None else bn.bias)):
+                part.append(tensor.detach().reshape(-1))
+        mean, var, gamma, beta = stats = [torch.cat(part).double() for part in parts]
+        sizes = torch.tensor([len(t) for t in parts[0]], device=device)
+        eps = torch.repeat_interleave(torch.tensor([cast(float, bn.eps) for bn in batch.values()],
+                                                   dtype=torch.float64, device=device), sizes)
+        # a float64 sum is finite iff every value is (see check_batchnorm)
+        if not math.isfinite(float(sum(v.sum() for v in stats))) or (var.numel() and float((var + eps).min()) <= 0):
+            return
+        s, t = batchnorm_affine(mean, var, gamma, beta, eps)
+        for (key, bn), s_bn, t_bn in zip(batch.items(), s.split(sizes.tolist()), t.split(sizes.tolist())):
+            s_bn = s_bn.clone()
+            self._affines[key] = (_tensors(bn), Affine(s_bn, t_bn.clone(), s_bn))
 
     @staticmethod
     def _affine(bn: BatchNormView, allow_training: bool) -> Affine | Refusal:
@@ -111,6 +153,17 @@ class ModuleFolder(_Folder):
         with gm.graph.inserting_before(relu):
             node = gm.graph.call_module(name, (bn.input,))
         return node, shift
+
+
+def _tensors(bn: BatchNormView) -> tuple[Tensor | None, ...]:
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias
+
+
+def _key(bn: BatchNormView, allow_training: bool) -> tuple[Any, ...]:
+    """What an affine map depends on: its tensors (identity and version), eps, mode and kind. The
+    cache keeps the tensors alive, so their ids stay theirs."""
+    return (*(None if t is None else (id(t), t._version) for t in _tensors(bn)), bn.eps, bn.training,
+            id(bn.kind), allow_training)
 
 
 class CachedFold:

@@ -410,8 +410,9 @@ def constant_pad_view(gm: GraphModule, node: Node) -> ConstantPadView | None:
     return None
 
 
-def check_batchnorm(bn: BatchNormView, allow_training: bool) -> Refusal | None:
-    """Raise for norms that must not be canonized silently; return why one is left, or None."""
+def check_batchnorm(bn: BatchNormView, allow_training: bool, values: bool = True) -> Refusal | None:
+    """Raise for norms that must not be canonized silently; return why one is left, or None.
+    ``values``: also check the statistics and parameters themselves (NaN, Inf, variance + eps <= 0)."""
     kind = bn.kind.name
     if bn.running_mean is None or bn.running_var is None:
         return bn.kind.without_statistics
@@ -424,6 +425,8 @@ def check_batchnorm(bn: BatchNormView, allow_training: bool) -> Refusal | None:
         return Refusal(TRAINING, "training mode: normalizes with batch statistics")
     if not (isinstance(bn.eps, (int, float)) and math.isfinite(bn.eps) and bn.eps >= 0):
         raise CanonizationError(f"{kind} {bn.name!r} has eps={bn.eps}: it must be a finite number >= 0")
+    if not values:
+        return None
     named = [(label, tensor) for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
                                                    ("weight", bn.weight), ("bias", bn.bias)) if tensor is not None]
     device = bn.running_var.device

@@ -108,3 +108,40 @@ def test_passing_a_copy_through_deepcopy_and_state_dict_roundtrip():
     clone.load_state_dict(gm.state_dict())
     x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
     assert relative_error(clone(x), model(x)) < 1e-12
+
+
+def _stack_of_batchnorms():
+    torch.manual_seed(3)
+    layers = [nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=1e-3), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5, affine=False),
+              nn.Conv2d(5, 6, 1), nn.BatchNorm2d(6, eps=0.5), nn.Conv2d(6, 2, 1), nn.BatchNorm2d(2)]
+    return random_bn(nn.Sequential(*layers)).eval()
+
+
+def test_affine_maps_computed_together_equal_those_computed_one_by_one():
+    from torch.fx import symbolic_trace
+
+    from fxcanon.folders import ModuleFolder
+    from fxcanon.views import batchnorm_view
+
+    gm = symbolic_trace(_stack_of_batchnorms())
+    views = [v for v in (batchnorm_view(gm, n) for n in gm.graph.nodes) if v is not None]
+    together, alone = ModuleFolder(), ModuleFolder()
+    together.prefetch(views, False)
+    assert len(together._affines) == 4
+    for view in views:
+        a, b = together.affine(gm, view, False), alone.affine(gm, view, False)
+        assert torch.equal(a.s, b.s) and torch.equal(a.t, b.t) and a.s.dtype == torch.float64
+
+
+@pytest.mark.parametrize("problem", ["nan", "zero_variance"])
+def test_the_first_bad_batchnorm_is_named_when_several_are_bad(problem):
+    model = _stack_of_batchnorms()
+    with torch.no_grad():
+        if problem == "nan":
+            model[3].running_mean[1] = math.nan
+        else:
+            model[3].running_var.zero_()
+            model[3].eps = 0.0
+    model[5].train()  # a second problem after it
+    with pytest.raises(CanonizationError, match="'3'.*(NaN|running_var)"):
+        canonicalize(model)

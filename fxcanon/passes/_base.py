@@ -58,14 +58,20 @@ class CanonizationPass(PassBase):
         ``reverse`` visits the last BatchNorm first (so ``BN -> BN -> conv`` folds in one sweep).
         Raises CanonizationError for training mode (unless allowed) and non-finite statistics.
         """
-        nodes, (modules, no_norms) = list(gm.graph.nodes), self.folder.norm_modules(gm)
-        for node in reversed(nodes) if reverse else nodes:
+        modules, no_norms = self.folder.norm_modules(gm)
+        found: dict[Node, BatchNormView] = {}
+        for node in reversed(gm.graph.nodes) if reverse else gm.graph.nodes:
             if node in no_norms:
                 continue
-            bn = batchnorm_view(gm, node, self.folder.graph_params, modules)
+            view = batchnorm_view(gm, node, self.folder.graph_params, modules)
+            if view is not None:
+                found[node] = view
+            elif never_a_norm(node, modules):
+                no_norms.add(node)
+        self.folder.prefetch(list(found.values()), self.allow_training)
+        for node in found:
+            bn = batchnorm_view(gm, node, self.folder.graph_params, modules)  # afresh: earlier folds rewire
             if bn is None:
-                if never_a_norm(node, modules):
-                    no_norms.add(node)
                 continue
             entry = self.report.entry((bn.call or node).name, bn.name)
             if has_hooks(bn.module):
