@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import operator
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from .affine import ForwardFold, Sink
@@ -29,7 +28,8 @@ from .fold_math import batchnorm_affine, fold_into_output, fused_input, fused_ou
 from .modules import ThresholdReLU, conv_bias_map, threshold_relu
 from .report import GRAPH_INPUTS, TRAINING, Fold, Refusal, fold_record
 from .rewrite import build_layer, fold_sink, fresh_name, install_layer, layer_tensors
-from .views import LINEAR_FUNCTIONS, BatchNormView, LinearView, check_batchnorm
+from .views import (LINEAR_FUNCTIONS, BatchNormView, LinearView, Submodules, all_finite, check_batchnorm,
+                    variance_positive)
 
 
 @dataclasses.dataclass
@@ -48,14 +48,14 @@ class _Folder:
     """What both folders share: the submodules of the graph module they fold in."""
 
     def __init__(self) -> None:
-        self._seen: tuple[weakref.ref[GraphModule], dict[str, nn.Module], set[Node]] | None = None
+        self._seen: tuple[weakref.ref[GraphModule], Submodules, set[Node]] | None = None
 
-    def norm_modules(self, gm: GraphModule) -> tuple[dict[str, nn.Module], set[Node]]:
-        """``dict(gm.named_modules())`` as this folder first saw ``gm``, and the nodes found to be
-        no norm source for good (:func:`fxcanon.views.never_a_norm`): enough to tell which calls run
-        a norm, since passes replace layers and add modules and nodes, but never add a norm."""
+    def norm_modules(self, gm: GraphModule) -> tuple[Submodules, set[Node]]:
+        """``gm``'s modules as this folder first saw them (names added since are looked up), and the
+        nodes found to be no norm source for good (:func:`fxcanon.views.never_a_norm`): enough to
+        tell which calls run a norm, since passes replace layers and add modules, never norms."""
         if self._seen is None or self._seen[0]() is not gm:
-            self._seen = (weakref.ref(gm), dict(gm.named_modules(remove_duplicate=False)), set())
+            self._seen = (weakref.ref(gm), Submodules(gm, gm.named_modules(remove_duplicate=False)), set())
         return self._seen[1], self._seen[2]
 
     def prefetch(self, views: list[BatchNormView], allow_training: bool) -> None:
@@ -112,8 +112,7 @@ class ModuleFolder(_Folder):
         sizes = torch.tensor([len(t) for t in parts[0]], device=device)
         eps = torch.repeat_interleave(torch.tensor([cast(float, bn.eps) for bn in batch.values()],
                                                    dtype=torch.float64, device=device), sizes)
-        # a float64 sum is finite iff every value is (see check_batchnorm)
-        if not math.isfinite(float(sum(v.sum() for v in stats))) or (var.numel() and float((var + eps).min()) <= 0):
+        if not (all_finite(stats) and variance_positive(var, eps)):
             return
         s, t = batchnorm_affine(mean, var, gamma, beta, eps)
         for (key, bn), s_bn, t_bn in zip(batch.items(), s.split(sizes.tolist()), t.split(sizes.tolist())):

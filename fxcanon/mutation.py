@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .kinds import module_kind
-from .views import LINEAR_MODULES
+from .views import LINEAR_MODULES, Submodules
 
 _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
               operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
@@ -146,18 +146,6 @@ def _fresh_op(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None)
     return False
 
 
-class _Submodules(dict):
-    """``gm``'s submodules by name, each looked up when first asked for."""
-
-    def __init__(self, gm: GraphModule) -> None:
-        super().__init__()
-        self.gm = gm
-
-    def __missing__(self, target: str) -> nn.Module:
-        self[target] = module = self.gm.get_submodule(target)
-        return module
-
-
 class AliasAnalysis:
     """May-alias classes of a graph's values and the nodes that mutate each class in place.
 
@@ -170,7 +158,7 @@ class AliasAnalysis:
     def __init__(self, gm: GraphModule) -> None:
         self.gm = gm
         self._effects: dict[Node, tuple[list[Node], bool]] = {}
-        self._modules = _Submodules(gm)
+        self._modules = Submodules(gm)
 
     def _effect(self, node: Node) -> tuple[list[Node], bool]:
         """The arguments ``node`` changes in place, and whether its result may alias its arguments."""

@@ -13,7 +13,7 @@ import functools
 import math
 import operator
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -272,6 +272,27 @@ def _tuple_element(node: Node) -> tuple[Node, int] | None:
     return (call, index) if isinstance(call, Node) and isinstance(index, int) and len(call.users) == 1 else None
 
 
+class Submodules(dict):
+    """``gm``'s submodules by name, starting from ``known`` (e.g. ``gm.named_modules()``); a name
+    not known yet is looked up in ``gm`` when first asked for (``get``: None if ``gm`` has none)."""
+
+    def __init__(self, gm: GraphModule, known: Iterable[tuple[str, nn.Module]] = ()) -> None:
+        super().__init__(known)
+        self.gm = gm
+
+    def __missing__(self, target: str) -> nn.Module | None:
+        try:
+            module: nn.Module | None = self.gm.get_submodule(target)
+        except AttributeError:
+            module = None
+        self[target] = module
+        return module
+
+    def get(self, target: str, default: Any = None) -> Any:
+        module = self[target]
+        return default if module is None else module
+
+
 def never_a_norm(node: Node, modules: dict[str, nn.Module]) -> bool:
     """True if ``node`` is no norm source whatever its arguments become: its op, function or module
     type is none (``modules`` as for :func:`batchnorm_view`). A sweep may skip such nodes for good."""
@@ -430,16 +451,25 @@ def check_batchnorm(bn: BatchNormView, allow_training: bool, values: bool = True
     named = [(label, tensor) for label, tensor in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
                                                    ("weight", bn.weight), ("bias", bn.bias)) if tensor is not None]
     device = bn.running_var.device
-    # a float64 sum is finite iff every value is (values of lower precision cannot overflow it)
-    total = float(torch.cat([tensor.detach().reshape(-1).to(device, torch.float64) for _, tensor in named]).sum())
-    label = None if math.isfinite(total) else \
-        next((label for label, tensor in named if not torch.isfinite(tensor).all()), None)
-    if label is not None:
-        raise CanonizationError(f"{kind} {bn.name!r} has NaN or Inf in its {label}")
-    # the smallest variance decides: adding eps in float64 keeps the order of finite values
-    if bn.running_var.numel() and float(bn.running_var.min()) + bn.eps <= 0:
+    if not all_finite([tensor.detach().reshape(-1).to(device, torch.float64) for _, tensor in named]):
+        label = next((label for label, tensor in named if not torch.isfinite(tensor).all()), None)
+        if label is not None:
+            raise CanonizationError(f"{kind} {bn.name!r} has NaN or Inf in its {label}")
+    if not variance_positive(bn.running_var.detach().double(), bn.eps):
         raise CanonizationError(f"{kind} {bn.name!r} has running_var + eps <= 0")
     return None
+
+
+def all_finite(values: list[Tensor]) -> bool:
+    """True if every value of these float64 tensors is finite, by one sum each: a float64 sum is
+    finite iff every value is (values converted from lower precision cannot overflow it). A False
+    for float64 values of astronomic size is checked value by value by the caller."""
+    return math.isfinite(float(sum((v.sum() for v in values), torch.zeros((), dtype=torch.float64))))
+
+
+def variance_positive(var: Tensor, eps: float | Tensor) -> bool:
+    """True if ``var + eps > 0`` everywhere (float64 ``var``; ``eps`` a number or one per channel)."""
+    return not var.numel() or float((var + eps).min()) > 0
 
 
 _METADATA_METHODS = {"size", "dim", "numel"}

@@ -253,6 +253,23 @@ def test_passes_are_pass_infra_passes_usable_directly():
     assert_same(model, result.graph_module, torch.randn(1, 3, 5, 5, dtype=D))
 
 
+def test_a_pass_used_again_sees_a_batchnorm_added_since():
+    """A pass instance remembers which calls are no norm: a BatchNorm module added to the graph
+    module between two calls is still found and folded."""
+    gm = symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).double())
+    fold = FoldBatchNormForward()
+    assert not fold(gm).modified
+    gm.add_submodule("bn", random_bn(nn.Sequential(nn.BatchNorm2d(4)))[0].double().eval())
+    conv = next(n for n in gm.graph.nodes if n.target == "0")
+    with gm.graph.inserting_after(conv):
+        bn = gm.graph.call_module("bn", (conv,))
+    conv.replace_all_uses_with(bn, delete_user_cb=lambda user: user is not bn)
+    gm.recompile()
+    model = copy.deepcopy(gm)
+    assert fold(gm).modified and not batchnorm_nodes(gm)
+    assert_same(model, gm, torch.randn(2, 3, 6, 6, dtype=D))
+
+
 def test_through_layout_rule_is_reported():
     class Net(nn.Module):
         def __init__(self):
