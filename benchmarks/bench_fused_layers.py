@@ -12,7 +12,6 @@ of benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import write_section  # noqa: E402
+from results import timing_arguments, write_section  # noqa: E402
 
 from fxcanon import canonicalize  # noqa: E402
 from fxcanon.equivalence import randomize_batchnorms  # noqa: E402
@@ -104,12 +103,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = timing_arguments(__doc__.splitlines()[0])
     bias_rows = [bias_map_row(*layer, repeats=args.repeats) for layer in LAYERS]
     threshold_rows = [threshold_row(c, s, args.repeats) for c, s in ((64, 112), (256, 28))]
     text = (f"CPU, {args.threads} thread(s), batch 1, median of {args.repeats} interleaved rounds; other "

@@ -11,7 +11,6 @@ guards and the same graph with the guards removed, and the original model. Write
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import timeit
@@ -23,7 +22,7 @@ from torch.fx import GraphModule, symbolic_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fused_layers import interleaved_times, medians  # noqa: E402
-from results import write_section  # noqa: E402
+from results import timing_arguments, write_section  # noqa: E402
 
 from fxcanon import canonicalize  # noqa: E402
 from fxcanon.equivalence import randomize_batchnorms  # noqa: E402
@@ -50,12 +49,7 @@ def without_guards(gm: GraphModule) -> GraphModule:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = timing_arguments(__doc__.splitlines()[0])
     rows = ["| model (timm) | input | guards | original (ms) | canonized, guards (ms) | canonized, no guards (ms) "
             "| guards cost |", "|---|---|---|---|---|---|---|"]
     counts: dict[str, int] = {}
