@@ -44,7 +44,8 @@ from .errors import CanonizationError
 from .shapes import (HINTED_KEY, RESAMPLE_FUNCTIONS, RESAMPLE_MODULES, VALUE_KEY, SymbolicCone, record_hint_shapes,
                      seeded_shapes)
 from .views import (_DROPOUT_MODULES, PAD_FUNCTIONS, BatchNormView, ConstantPadView, LinearView, bind_args,
-                    constant_pad_view, get_attr_value, has_hooks, linear_view, reads_only_metadata, tensor_rank)
+                    constant_pad_view, get_attr_value, has_hooks, linear_view, reads_only_metadata, submodule,
+                    tensor_rank)
 
 _CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
 # Ops that move or copy elements without mixing them (every output is one input element): they
@@ -324,7 +325,7 @@ class _ConePropagation:
         path = self.paths[cone_args[0]]
         if all(reads_only_metadata(node, arg) for arg in cone_args):
             return
-        if node.op == "call_module" and has_hooks(self.gm.get_submodule(str(node.target))):
+        if node.op == "call_module" and has_hooks(submodule(self.gm, str(node.target))):
             raise _Stop(f"{node.name} has forward hooks")
         view = linear_view(self.gm, node, self.graph_params)
         if view is not None and cone_args == [view.input]:
@@ -455,7 +456,7 @@ class _ConePropagation:
 
     def _runner(self, node: Node) -> Any:
         if node.op == "call_module":
-            return self.gm.get_submodule(str(node.target))
+            return submodule(self.gm, str(node.target))
         if node.op == "call_method":
             return lambda self_, *a, **k: getattr(self_, str(node.target))(*a, **k)
         return node.target
@@ -483,7 +484,7 @@ class _ConePropagation:
                 return None if bind_args(node, names).get("return_indices", False) else "max"
             return None
         if node.op == "call_module":
-            module = self.gm.get_submodule(str(node.target))
+            module = submodule(self.gm, str(node.target))
             if isinstance(module, _MOVE_MODULES) or (isinstance(module, _DROPOUT_MODULES) and not module.training):
                 return "move"
             if isinstance(module, _AVERAGE_MODULES):
@@ -516,7 +517,7 @@ def _constant_along(ids: Tensor, dim: int) -> bool:
 
 def _is_reshape(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _RESHAPE_MODULES)
+        return isinstance(submodule(gm, str(node.target)), _RESHAPE_MODULES)
     return node.target in (_RESHAPE_METHODS if node.op == "call_method" else _RESHAPE_FUNCTIONS)
 
 
@@ -581,14 +582,17 @@ def _size_guard(bn: BatchNormView, rank_guard: Guard | None, cone: SymbolicCone 
     return Guard(len(shape), fixed, why)
 
 
-def _symbolic_cone(gm: GraphModule, bn: BatchNormView, nodes: list[Node], held: tuple[int, ...],
-                   chosen: bool) -> SymbolicCone | None:
-    """The symbolic sizes of ``nodes`` fed by ``bn``, its ``held`` dims constant (sizes recorded as 1
-    free if the model accepts that, else constants); None where the run fails on shapes from
-    example inputs (every size is then held), _Stop where it fails on sizes of our ``chosen``."""
+def _symbolic_cone(gm: GraphModule, bn: BatchNormView, nodes: list[Node], sinks: list[Sink],
+                   held: tuple[int, ...], chosen: bool) -> SymbolicCone | None:
+    """The symbolic sizes of ``nodes`` fed by ``bn`` and read by ``sinks`` (whose channels fix
+    some), its ``held`` dims constant (sizes recorded as 1 free if the model accepts that, else
+    constants); None where the run fails on shapes from example inputs (every size is then held),
+    _Stop where it fails on sizes of our ``chosen``."""
+    fixed = [(sink.view.input, -1 if sink.view.spatial_dims == 0 else -1 - sink.view.spatial_dims,
+              sink.view.in_channels) for sink in sinks]
     for free_ones in (True, False):
         try:
-            return SymbolicCone(gm, bn.node, nodes, free_ones, held)
+            return SymbolicCone(gm, bn.node, nodes, free_ones, held, fixed)
         except CanonizationError as error:
             failure = error
     if chosen:  # holding sizes of our own choosing would refuse real inputs
@@ -610,8 +614,8 @@ def _followed(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params
     """:func:`_cone_fold` on the recorded shapes (``chosen``: sizes of our choosing, none held)."""
     at_recorded = _ConePropagation(gm, bn, s, graph_params, None)
     sinks = at_recorded.run()
-    nodes = [*at_recorded.ids, *(k.view.node for k in sinks)]
-    cone = None if graph_params else _symbolic_cone(gm, bn, nodes, (1,), chosen)
+    nodes = list(at_recorded.ids)
+    cone = None if graph_params else _symbolic_cone(gm, bn, nodes, sinks, (1,), chosen)
     if cone is not None:
         try:
             sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
@@ -619,7 +623,7 @@ def _followed(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params
             rank = len(bn.node.meta["tensor_meta"].shape)
             if chosen or rank < 3:  # sizes of our own choosing are not worth holding
                 raise
-            cone = _symbolic_cone(gm, bn, nodes, tuple(range(1, rank)), chosen)
+            cone = _symbolic_cone(gm, bn, nodes, sinks, tuple(range(1, rank)), chosen)
             sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
     guard = rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))
     if isinstance(guard, str):

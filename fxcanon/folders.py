@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from .affine import ForwardFold, Sink
@@ -27,7 +27,7 @@ from .errors import CanonizationError
 from .fold_math import batchnorm_affine, fold_into_output, fused_input, fused_output, relu_factorization
 from .modules import ThresholdReLU, conv_bias_map, threshold_relu
 from .report import GRAPH_INPUTS, TRAINING, Fold, Refusal, fold_record
-from .rewrite import build_layer, fold_sink, fresh_name, install_layer, layer_tensors
+from .rewrite import fold_sink, fresh_name, layer_tensors, put_layer
 from .views import (LINEAR_FUNCTIONS, BatchNormView, LinearView, Submodules, all_finite, check_batchnorm,
                     variance_positive)
 
@@ -36,27 +36,39 @@ from .views import (LINEAR_FUNCTIONS, BatchNormView, LinearView, Submodules, all
 class Affine:
     """A BatchNorm's ``(s, t)``: float64 tensors (module folder) or graph nodes (graph folder).
 
-    ``scale`` is the numeric ``s`` when known at rewrite time (None in graphs), for the analysis.
+    ``scale`` is the numeric ``s`` when known at rewrite time (None in graphs), for the analysis;
+    ``factors`` its ReLU factorization (``relu_factorization``) when computed ahead.
     """
 
     s: Any
     t: Any
     scale: Tensor | None
+    factors: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 class _Folder:
     """What both folders share: the submodules of the graph module they fold in."""
 
     def __init__(self) -> None:
-        self._seen: tuple[weakref.ref[GraphModule], Submodules, set[Node]] | None = None
+        self._seen: tuple[weakref.ref[GraphModule], Submodules, set[Node], weakref.WeakSet[nn.Module]] | None = None
+
+    def _state(self, gm: GraphModule) -> tuple[weakref.ref[GraphModule], Submodules, set[Node],
+                                               weakref.WeakSet[nn.Module]]:
+        if self._seen is None or self._seen[0]() is not gm:
+            self._seen = (weakref.ref(gm), Submodules(gm, gm.named_modules(remove_duplicate=False)), set(),
+                          weakref.WeakSet())
+        return self._seen
 
     def norm_modules(self, gm: GraphModule) -> tuple[Submodules, set[Node]]:
         """``gm``'s modules as this folder first saw them (names added since are looked up), and the
         nodes found to be no norm source for good (:func:`fxcanon.views.never_a_norm`): enough to
         tell which calls run a norm, since passes replace layers and add modules, never norms."""
-        if self._seen is None or self._seen[0]() is not gm:
-            self._seen = (weakref.ref(gm), Submodules(gm, gm.named_modules(remove_duplicate=False)), set())
-        return self._seen[1], self._seen[2]
+        _, modules, no_norms, _ = self._state(gm)
+        return modules, no_norms
+
+    def built(self, gm: GraphModule) -> weakref.WeakSet[nn.Module]:
+        """The fused layers this folder made for ``gm``: a later fold into one updates it in place."""
+        return self._state(gm)[3]
 
     def prefetch(self, views: list[BatchNormView], allow_training: bool) -> None:
         """Prepare the affine maps of ``views`` before they are asked for one by one (no-op here)."""
@@ -103,11 +115,9 @@ class ModuleFolder(_Folder):
             return
         parts: list[list[Tensor]] = [[], [], [], []]
         for bn in batch.values():  # checked: running statistics present, eps a number
-            mean, var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
-            ones, zeros = mean.new_ones(()).expand(mean.numel()), mean.new_zeros(()).expand(mean.numel())
-            for part, tensor in zip(parts, (mean, var, ones if bn.weight is None else bn.weight,
-                                            zeros if bn.bias is None else bn.bias)):
-                part.append(tensor.detach().reshape(-1))
+            mean = cast(Tensor, bn.running_mean).detach().reshape(-1)
+            for part, tensor, missing in zip(parts, _tensors(bn), (0.0, 0.0, 1.0, 0.0)):
+                part.append(mean.new_full(mean.shape, missing) if tensor is None else tensor.detach().reshape(-1))
         mean, var, gamma, beta = stats = [torch.cat(part).double() for part in parts]
         sizes = torch.tensor([len(t) for t in parts[0]], device=device)
         eps = torch.repeat_interleave(torch.tensor([cast(float, bn.eps) for bn in batch.values()],
@@ -115,9 +125,9 @@ class ModuleFolder(_Folder):
         if not (all_finite(stats) and variance_positive(var, eps)):
             return
         s, t = batchnorm_affine(mean, var, gamma, beta, eps)
-        for (key, bn), s_bn, t_bn in zip(batch.items(), s.split(sizes.tolist()), t.split(sizes.tolist())):
-            s_bn = s_bn.clone()
-            self._affines[key] = (_tensors(bn), Affine(s_bn, t_bn.clone(), s_bn))
+        parts = [tensor.split(sizes.tolist()) for tensor in (s, t, *relu_factorization(s, t))]
+        for (key, bn), (s_bn, t_bn, *factors) in zip(batch.items(), zip(*parts)):
+            self._affines[key] = (_tensors(bn), Affine(s_bn, t_bn, s_bn, tuple(factors)))
 
     @staticmethod
     def _affine(bn: BatchNormView, allow_training: bool) -> Affine | Refusal:
@@ -140,15 +150,15 @@ class ModuleFolder(_Folder):
         producer = plan.producer
         tensors = fold_into_output(layer_tensors(producer), affine.s, affine.t, transposed=producer.transposed,
                                    groups=producer.groups)
-        return install_layer(gm, producer, build_layer(producer, tensors, producer.input_pad))
+        return put_layer(gm, producer, tensors, producer.input_pad, self.built(gm))
 
     def fold_input(self, gm: GraphModule, sink: Sink, s: Any, t: Any, rule: str | None = None) -> Fold:
-        return fold_sink(gm, sink, s, t, rule)
+        return fold_sink(gm, sink, s, t, self.built(gm), rule)
 
     def threshold(self, gm: GraphModule, bn: BatchNormView, relu: Node, affine: Affine) -> tuple[Node, Any]:
-        theta, sign, shift = relu_factorization(affine.s, affine.t)
+        theta, sign, shift = affine.factors or relu_factorization(affine.s, affine.t)
         name = fresh_name(gm, f"{relu.name}_threshold")
-        gm.add_submodule(name, ThresholdReLU(theta.to(bn.running_mean), sign.to(bn.running_mean)))
+        gm.add_submodule(name, ThresholdReLU(theta.to(bn.running_mean, copy=True), sign.to(bn.running_mean, copy=True)))
         with gm.graph.inserting_before(relu):
             node = gm.graph.call_module(name, (bn.input,))
         return node, shift

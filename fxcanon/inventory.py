@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 
 from .kinds import INSTANCE_NORM, function_kind, module_kind
 from .report import INSIDE, UNREAD, Refusal, Report
-from .views import batchnorm_view, bind_args
+from .views import batchnorm_view, bind_args, submodule
 
 # BatchNorm spellings no view reads
 _UNREAD_FUNCTIONS = {torch.cudnn_batch_norm, torch.ops.aten.batch_norm.default,
@@ -35,7 +35,7 @@ def is_norm_call(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | No
         return function_kind(node.target) is not None or node.target in _UNREAD_FUNCTIONS
     if node.op != "call_module":
         return False
-    module = modules[str(node.target)] if modules is not None else gm.get_submodule(str(node.target))
+    module = modules[str(node.target)] if modules is not None else submodule(gm, str(node.target))
     return isinstance(module, _NORM_MODULES) or module_kind(module) is not None
 
 
@@ -47,7 +47,7 @@ def _per_sample(module: nn.Module) -> bool:
 
 def _per_sample_call(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
-        return _per_sample(gm.get_submodule(str(node.target)))
+        return _per_sample(submodule(gm, str(node.target)))
     found = function_kind(node.target) if node.op == "call_function" else None
     if found is None or found[0].flag_is_training:
         return False
@@ -65,7 +65,7 @@ def _unread_reason(gm: GraphModule, node: Node) -> Refusal:
     if _per_sample_call(gm, node):
         return INSTANCE_NORM.without_statistics
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = submodule(gm, str(node.target))
         return Refusal(UNREAD, f"{type(module).__name__} is not a norm type fxcanon reads "
                                "(register it with fxcanon.register_norm, or trace through it)")
     name = getattr(node.target, "__name__", node.target)

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .kinds import module_kind
-from .views import LINEAR_MODULES, Submodules
+from .views import LINEAR_MODULES, Submodules, submodule
 
 _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
               operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
@@ -109,7 +109,7 @@ def mutated_args(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | No
                                          and name not in _NOT_MUTATING_METHODS) or _inplace_flag(node.target, node):
             targets.append(first)
     elif node.op == "call_module":
-        module = modules[str(node.target)] if modules is not None else gm.get_submodule(str(node.target))
+        module = modules[str(node.target)] if modules is not None else submodule(gm, str(node.target))
         if getattr(module, "inplace", False) is True:
             targets.append(first)
         elif not (_is_library(type(module)) or type(module) in LINEAR_MODULES or module_kind(module) is not None):
@@ -141,7 +141,7 @@ def _fresh_op(gm: GraphModule, node: Node, modules: dict[str, nn.Module] | None)
     if node.op == "call_method":
         return node.target in _FRESH_METHODS
     if node.op == "call_module":
-        module = modules[str(node.target)] if modules is not None else gm.get_submodule(str(node.target))
+        module = modules[str(node.target)] if modules is not None else submodule(gm, str(node.target))
         return isinstance(module, _FRESH_MODULES) or (isinstance(module, nn.ReLU) and not module.inplace)
     return False
 

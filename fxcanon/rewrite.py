@@ -7,7 +7,9 @@ afresh) or, when the old layer is also used elsewhere, under a new name for this
 
 from __future__ import annotations
 
+import functools
 import operator
+from collections.abc import Callable, MutableSet
 from typing import Any
 
 import torch
@@ -20,7 +22,7 @@ from .fold_math import (LayerTensors, batchnorm_affine, channel_affine, fold_int
                         relu_factorization)
 from .modules import FUSED_FOR
 from .report import Fold, fold_record
-from .views import LINEAR_MODULES, BatchNormView, LinearView, call_input
+from .views import LINEAR_MODULES, BatchNormView, LinearView, call_input, submodule
 
 # (spatial dims, transposed) -> the standard layer type
 _BASE_TYPES = {layout: base for base, layout in LINEAR_MODULES.items() if base in FUSED_FOR}
@@ -50,32 +52,68 @@ def _like(value: Tensor, reference: Tensor, shared: set[int]) -> nn.Parameter:
     return nn.Parameter(out, requires_grad=reference.requires_grad)
 
 
+@functools.lru_cache(maxsize=256)
+def _template(cls: Callable[..., nn.Module], args: tuple[Any, ...], kwargs: tuple[tuple[str, Any], ...]) -> nn.Module:
+    return cls(*args, **dict(kwargs), device="meta")
+
+
+def _new_layer(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+    """``cls(*args, **kwargs, device="meta")``, as a copy of a cached instance (constructing a
+    layer costs an order of magnitude more than copying its attributes). The copy shares only
+    immutable values with the instance: containers (parameter and hook dicts, padding lists) are new."""
+    template = _template(cls, args, tuple(kwargs.items()))  # type: ignore[arg-type]  # classes hash
+    layer = cls.__new__(cls)
+    layer.__dict__.update({key: value.copy() if isinstance(value, (dict, list, set)) else value
+                           for key, value in vars(template).items()})
+    return layer
+
+
 def build_layer(view: LinearView, tensors: LayerTensors, input_pad: tuple[int, ...] = ()) -> nn.Module:
     """A fused layer with ``view``'s hyperparameters and the given tensors."""
     base = _BASE_TYPES[(view.spatial_dims, view.transposed)]
     cls = FUSED_FOR[base]
     if view.spatial_dims == 0:
-        layer = cls(view.in_channels, view.out_channels, device="meta")
+        layer = _new_layer(cls, view.in_channels, view.out_channels)
     else:
         kernel_size = tuple(view.weight.shape[2:])
         common: dict[str, Any] = {"stride": view.stride, "padding": view.padding, "dilation": view.dilation,
-                                  "groups": view.groups, "padding_mode": view.padding_mode, "device": "meta"}
+                                  "groups": view.groups, "padding_mode": view.padding_mode}
         if view.transposed:
             common["output_padding"] = view.output_padding
-        layer = cls(view.in_channels, view.out_channels, kernel_size, **common)
-    reference = view.weight
+        layer = _new_layer(cls, view.in_channels, view.out_channels, kernel_size, **common)
     shared = {t.untyped_storage().data_ptr() for t in (view.weight, view.bias, view.bias_kernel, view.pad_kernel)
               if t is not None}
-    layer.weight = _like(tensors.weight, reference, shared)
-    layer.bias = _like(tensors.bias, reference if view.bias is None else view.bias, shared)
-    if tensors.bias_kernel is not None:
-        layer.bias_kernel = _like(tensors.bias_kernel, reference, shared)
-    if tensors.pad_kernel is not None:
-        layer.pad_kernel = _like(tensors.pad_kernel, reference, shared)
-    if input_pad:
-        layer.input_pad = tuple(input_pad)
+    _set_tensors(layer, view, tensors, input_pad, shared)
     layer.train(view.module.training if view.module is not None else False)
     return layer
+
+
+def _set_tensors(layer: nn.Module, view: LinearView, tensors: LayerTensors, input_pad: tuple[int, ...],
+                 shared: set[int]) -> None:
+    """Give ``layer`` the fused tensors as Parameters like ``view``'s (see :func:`_like`)."""
+    reference = view.weight
+    layer.weight = _like(tensors.weight, reference, shared)
+    layer.bias = _like(tensors.bias, reference if view.bias is None else view.bias, shared)
+    for name in ("bias_kernel", "pad_kernel"):
+        kernel = getattr(tensors, name)
+        if kernel is not None or getattr(layer, name, None) is not None:
+            setattr(layer, name, None if kernel is None else _like(kernel, reference, shared))
+    if input_pad or hasattr(layer, "input_pad"):  # convolutions only
+        layer.input_pad = tuple(input_pad)  # type: ignore[assignment]
+
+
+def put_layer(gm: GraphModule, view: LinearView, tensors: LayerTensors, input_pad: tuple[int, ...],
+              built: MutableSet[nn.Module]) -> Node:
+    """Make ``view.node`` compute the fused layer with ``tensors``: a new layer (added to ``built``),
+    installed as :func:`install_layer` does, unless ``view``'s layer is in ``built`` (made for this
+    graph module by the same folder, called at this node alone), whose tensors are then replaced."""
+    layer = view.module
+    if layer is not None and layer in built:
+        _set_tensors(layer, view, tensors, input_pad, set())
+        return view.node
+    layer = build_layer(view, tensors, input_pad)
+    built.add(layer)
+    return install_layer(gm, view, layer)
 
 
 def _sole_use(gm: GraphModule, node: Node) -> bool:
@@ -85,14 +123,14 @@ def _sole_use(gm: GraphModule, node: Node) -> bool:
     if graph.find_nodes(op="call_module", target=target, sort=False) != [node] or \
             any(str(n.target).startswith(inside) for n in graph.find_nodes(op="get_attr", sort=False)):
         return False
-    return next(gm.get_submodule(target).children(), None) is None or \
+    return next(submodule(gm, target).children(), None) is None or \
         not any(str(n.target).startswith(inside) for n in graph.find_nodes(op="call_module", sort=False))
 
 
 def _own_container(gm: GraphModule, target: str) -> nn.Module | None:
     """The parent module of ``target`` if it belongs to ``gm`` alone (not to the traced model)."""
     prefix, _, _ = target.rpartition(".")
-    parent = gm.get_submodule(prefix) if prefix else gm
+    parent = submodule(gm, prefix) if prefix else gm
     return parent if parent is gm or type(parent) is nn.Module else None
 
 
@@ -176,8 +214,10 @@ def regenerate(gm: GraphModule) -> None:
     gm.recompile()
 
 
-def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, rule: str | None = None) -> Fold:
-    """Fold ``s * x + t`` into the input of ``sink`` (see ``FoldBatchNormBackward``) and install it."""
+def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, built: MutableSet[nn.Module],
+              rule: str | None = None) -> Fold:
+    """Fold ``s * x + t`` into the input of ``sink`` (see ``FoldBatchNormBackward``) and install it
+    (see :func:`put_layer`)."""
     view, pad = sink.view, sink.pad
     s_in, t_in = channel_affine(sink.channel_map.to(s.device), s, t)
     vector = not (view.transposed or view.zero_padded or pad is not None or view.input_pad
@@ -187,7 +227,7 @@ def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, rule: str | Non
     pad_value = pad.value if pad is not None and not view.input_pad else None
     tensors = fold_into_input(layer_tensors(view), s_in.to(device), t_in.to(device), transposed=view.transposed,
                               groups=view.groups, vector_bias=vector, pad_value=pad_value)
-    fused = install_layer(gm, view, build_layer(view, tensors, pad.pad if pad is not None else view.input_pad))
+    fused = put_layer(gm, view, tensors, pad.pad if pad is not None else view.input_pad, built)
     if pad is not None and pad.value != 0.0:  # the graph now pads with 0; pad_kernel restores the value
         pad.node.op, pad.node.target = "call_function", F.pad
         pad.node.args, pad.node.kwargs = (call_input(pad.node), list(pad.pad)), {}  # the input now, after rewiring

@@ -30,18 +30,15 @@ import sympy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx import GraphModule, Interpreter, Node
-from torch.fx.experimental.symbolic_shapes import (
-    DimDynamic,
-    ShapeEnv,
-    StatelessSymbolicContext,
-)
+from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .errors import CanonizationError
-from .views import batchnorm_view, call_input, get_attr_value, linear_view, reads_only_metadata
+from .views import batchnorm_view, call_input, get_attr_value, linear_view, reads_only_metadata, submodule
 
 RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
 RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
@@ -84,6 +81,18 @@ def record_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
                     buffer.copy_(buffers[name])
 
 
+def run_call(gm: GraphModule, node: Node, args: Any, kwargs: Any) -> Any:
+    """What ``torch.fx.Interpreter`` computes for a call node on these arguments (without building
+    an interpreter: its set-up walks the whole module and graph)."""
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return submodule(gm, str(node.target))(*args, **kwargs)
+    raise CanonizationError(f"{node.name}: {node.op} is not a call")
+
+
 @contextmanager
 def seeded_shapes(gm: GraphModule, start: Node, seed: Tensor, cone: set[Node]) -> Iterator[bool]:
     """Shapes (and small values) of ``start`` taken as ``seed`` and of the nodes of ``cone`` it
@@ -93,7 +102,6 @@ def seeded_shapes(gm: GraphModule, start: Node, seed: Tensor, cone: set[Node]) -
     here) or fails on the seed: the shapes recorded are then not to be used."""
     saved: dict[Node, dict[str, Any]] = {}
     env: dict[Node, Any] = {start: seed}
-    interpreter = Interpreter(gm)
 
     def annotate(node: Node, result: Any) -> None:
         saved[node] = {key: node.meta.pop(key) for key in ("tensor_meta", VALUE_KEY) if key in node.meta}
@@ -120,7 +128,7 @@ def seeded_shapes(gm: GraphModule, start: Node, seed: Tensor, cone: set[Node]) -
                             annotate(arg, env[arg])
                     call_args, kwargs = map_arg((node.args, node.kwargs), env.__getitem__)
                     try:
-                        env[node] = getattr(interpreter, node.op)(node.target, call_args, kwargs)
+                        env[node] = run_call(gm, node, call_args, kwargs)
                     except Exception:
                         if in_cone:
                             return False
@@ -150,7 +158,7 @@ def _placeholder_spec(gm: GraphModule, placeholder: Node) -> tuple[int, int, Ten
             if user in seen:
                 continue
             seen.add(user)
-            module = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+            module = submodule(gm, str(user.target)) if user.op == "call_module" else None
             if isinstance(module, nn.Embedding) and user.args and user.args[0] is node:
                 return 2, -1, module.weight.new_empty(0, dtype=torch.long)
             view = linear_view(gm, user)
@@ -190,7 +198,7 @@ def record_hint_shapes(gm: GraphModule) -> bool:
 
 def _resamples(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), RESAMPLE_MODULES)
+        return isinstance(submodule(gm, str(node.target)), RESAMPLE_MODULES)
     return node.op == "call_function" and node.target in RESAMPLE_FUNCTIONS
 
 
@@ -200,13 +208,15 @@ def _recorded(node: Node) -> bool:
 
 class SymbolicCone:
     """Symbolic sizes of ``start`` (every dim free but the ``held`` ones) and of ``nodes`` computed
-    from it, with what they read.
+    from it, with what they read. ``fixed`` lists ``(node, dim, size)``: a size a layer reading
+    ``node`` requires (its channels), assumed as the layer's own size check would assume it,
+    without running the layer.
 
     Raises CanonizationError if the run fails (an op without symbolic shape support, an input
     without recorded shape)."""
 
     def __init__(self, gm: GraphModule, start: Node, nodes: Iterable[Node], free_ones: bool = True,
-                 held: tuple[int, ...] = (1,)) -> None:
+                 held: tuple[int, ...] = (1,), fixed: Iterable[tuple[Node, int, int]] = ()) -> None:
         self.env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
         mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
         mode.cache_enabled = False
@@ -216,29 +226,34 @@ class SymbolicCone:
             if node.op != "output" and any(arg in downstream for arg in node.all_input_nodes):
                 downstream.add(node)
 
-        def seed(node: Node, fixed: tuple[int, ...]) -> Tensor:
+        names = itertools.count()
+
+        def size(hint: int) -> Any:
+            symbol = self.env.create_symbol(hint, ConstantSource(f"size{next(names)}"), dynamic_dim=DimDynamic.DYNAMIC)
+            return self.env.create_symintnode(symbol, hint=hint)
+
+        def seed(node: Node, held: tuple[int, ...]) -> Tensor:
             meta = node.meta.get("tensor_meta")
             if meta is None or not hasattr(meta, "shape"):
                 raise CanonizationError(f"{node.name}: no recorded shape")
-            sizes = [DimDynamic.STATIC if d in fixed else DimDynamic.DYNAMIC for d in range(len(meta.shape))]
             # ``free_ones``: a free size recorded as 1 gets the hint 2 (fake tensors take a size 1 as a
             # constant); without, it stays the constant 1
-            shape = [2 if free_ones and n == 1 and d not in fixed else n for d, n in enumerate(meta.shape)]
-            return mode.from_tensor(torch.empty(shape, dtype=meta.dtype, device=device),
-                                    symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+            shape = [n if d in held else size(2 if free_ones and n == 1 else n) for d, n in enumerate(meta.shape)]
+            with mode:
+                return torch.empty(shape, dtype=meta.dtype, device=device)
 
         def seeded(node: Node) -> bool:  # a value of its own: read from the model, or free sizes
             return node.op in ("get_attr", "placeholder") or (node not in downstream and _recorded(node))
 
         self.values: dict[Node, Any] = {start: seed(start, held)}
-        needed, pending = set(), [n for n in nodes if n is not start]
+        sizes_of = list(fixed)
+        needed, pending = set(), [n for n in itertools.chain(nodes, (n for n, _, _ in sizes_of)) if n is not start]
         while pending:
             node = pending.pop()
             if node not in needed:
                 needed.add(node)
                 if not seeded(node):
                     pending.extend(arg for arg in node.all_input_nodes if arg is not start)
-        interpreter = Interpreter(gm)
         order = {node: i for i, node in enumerate(gm.graph.nodes)}
         try:
             for node in sorted(needed, key=order.__getitem__):
@@ -253,7 +268,10 @@ class SymbolicCone:
                 else:
                     args, kwargs = map_arg((node.args, node.kwargs), self.values.__getitem__)
                     with mode:
-                        self.values[node] = getattr(interpreter, node.op)(node.target, args, kwargs)
+                        self.values[node] = run_call(gm, node, args, kwargs)
+            with mode:
+                for node, dim, required in sizes_of:
+                    torch._check(self.values[node].shape[dim] == required)
         except CanonizationError:
             raise
         except Exception as error:

@@ -83,6 +83,20 @@ def test_fold_into_input_vector_bias_of_grouped_convolutions():
                                    rtol=0, atol=1e-12 if dtype == D else 1e-5)
 
 
+def test_vector_bias_of_weights_scaled_in_several_blocks():
+    """Weights of more than one float64 block, blocked along groups, output or input channels or
+    taps: the weight is the rounded float64 product, the shift the float64 sum."""
+    torch.manual_seed(3)
+    for shape, groups in (((4, 70000), 1), ((4, 40000, 1, 2), 2), ((1, 300000), 1), ((1, 1, 600, 600), 1)):
+        w, b = torch.randn(shape), torch.randn(shape[0], dtype=D)
+        channels = shape[1] * groups
+        s, t = torch.rand(channels, dtype=D) + 0.5, torch.randn(channels, dtype=D)
+        fused = fold_into_input(LayerTensors(w, b), s, t, groups=groups, vector_bias=True)
+        shift = scale_input_channels(w.double(), t, groups=groups).flatten(1).sum(1)
+        torch.testing.assert_close(fused.bias, b + shift, rtol=1e-12, atol=1e-9)
+        assert torch.equal(fused.weight, scale_input_channels(w.double(), s, groups=groups).float())
+
+
 def test_scaled_weights_of_lower_precision_are_the_rounded_float64_product():
     """Blocks or not, any layout and dtype: the float64 product rounded once, the input untouched."""
     torch.manual_seed(2)

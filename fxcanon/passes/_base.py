@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
+from typing import Any
 
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -59,18 +61,20 @@ class CanonizationPass(PassBase):
         Raises CanonizationError for training mode (unless allowed) and non-finite statistics.
         """
         modules, no_norms = self.folder.norm_modules(gm)
-        found: dict[Node, BatchNormView] = {}
+        found: dict[Node, tuple[BatchNormView, tuple[Any, ...]]] = {}
         for node in reversed(gm.graph.nodes) if reverse else gm.graph.nodes:
             if node in no_norms:
                 continue
             view = batchnorm_view(gm, node, self.folder.graph_params, modules)
             if view is not None:
-                found[node] = view
+                found[node] = view, _arguments(view)
             elif never_a_norm(node, modules):
                 no_norms.add(node)
-        self.folder.prefetch(list(found.values()), self.allow_training)
-        for node in found:
-            bn = batchnorm_view(gm, node, self.folder.graph_params, modules)  # afresh: earlier folds rewire
+        self.folder.prefetch([view for view, _ in found.values()], self.allow_training)
+        for node, (bn_seen, arguments) in found.items():
+            # afresh where earlier folds of this sweep rewired the call or erased it
+            bn = bn_seen if all(map(operator.is_, _arguments(bn_seen), arguments)) else \
+                batchnorm_view(gm, node, self.folder.graph_params, modules)
             if bn is None:
                 continue
             entry = self.report.entry((bn.call or node).name, bn.name)
@@ -82,3 +86,9 @@ class CanonizationPass(PassBase):
                 entry.refusals = [affine]
                 continue
             yield bn, entry, affine
+
+
+def _arguments(bn: BatchNormView) -> tuple[Any, ...]:
+    """What a view reads from the graph: the arguments of its node and call (to compare by identity:
+    an edit of a node's arguments makes new containers)."""
+    return tuple(part for node in (bn.node, bn.call) if node is not None for part in (node.args, node.kwargs))

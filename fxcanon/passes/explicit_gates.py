@@ -13,6 +13,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..modules import Gate
 from ..rewrite import finish, replace_with_module
+from ..views import submodule
 from ._base import CanonizationPass
 
 _MULTIPLY = {operator.mul, torch.mul}
@@ -25,7 +26,7 @@ def _is_gate(gm: GraphModule, node: object) -> bool:
     if not isinstance(node, Node):
         return False
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _GATE_MODULES)
+        return isinstance(submodule(gm, str(node.target)), _GATE_MODULES)
     return (node.op == "call_function" and node.target in _GATE_FUNCTIONS) or \
         (node.op == "call_method" and node.target in ("sigmoid", "hardsigmoid"))
 

@@ -15,7 +15,7 @@ from torchvision.ops import stochastic_depth
 from ..modules import Sum
 from ..mutation import returns_fresh
 from ..rewrite import finish, replace_with_module
-from ..views import call_input, get_attr_value
+from ..views import call_input, get_attr_value, submodule
 from ._base import CanonizationPass
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -70,11 +70,11 @@ class _Floating:
             (node.op == "call_method" and node.target in _DTYPE_KEEPING_METHODS)
         if keeps and args and all(self(a) for a in args):
             return True
-        return any(user.op == "call_module" and isinstance(self.gm.get_submodule(str(user.target)), _FLOATING_INPUT)
+        return any(user.op == "call_module" and isinstance(submodule(self.gm, str(user.target)), _FLOATING_INPUT)
                    and call_input(user) is node for user in node.users)
 
     def _has_floating_weights(self, node: Node) -> bool:
-        module = self.gm.get_submodule(str(node.target))
+        module = submodule(self.gm, str(node.target))
         return any(t.is_floating_point() for t in [*module.parameters(), *module.buffers()])
 
 

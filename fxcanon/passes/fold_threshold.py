@@ -12,7 +12,7 @@ from ..affine import BackwardFold, backward_fold, forward_folds
 from ..mutation import fold_hazard
 from ..report import NOT_THROUGH_RELU, THRESHOLD, Refusal
 from ..rewrite import erase_norm, finish
-from ..views import batchnorm_view, has_hooks, relu_after
+from ..views import batchnorm_view, has_hooks, relu_after, submodule
 from ._base import CanonizationPass
 
 
@@ -35,7 +35,7 @@ class FoldBatchNormThroughReLU(CanonizationPass):
             if found is None:
                 continue
             relu, between = found
-            if relu.op == "call_module" and has_hooks(graph_module.get_submodule(str(relu.target))):
+            if relu.op == "call_module" and has_hooks(submodule(graph_module, str(relu.target))):
                 continue
             plan = backward_fold(graph_module, dataclasses.replace(bn, node=relu, input=bn.node), affine.scale,
                                  self.folder.graph_params)
