@@ -136,6 +136,7 @@ class Sink:
     path: tuple[str, ...] = ()
     pad: ConstantPadView | None = None  # explicit constant padding right before a convolution
     guard: Guard | None = None  # on the BatchNorm's input
+    identity: bool = False  # ``channel_map`` is ``arange``: channel ``k`` sees BatchNorm channel ``k``
 
 
 @dataclass
@@ -565,7 +566,7 @@ def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node, graph_params: b
     guard = rank_guard(bn, view.batched_rank)
     if isinstance(guard, str):
         return f"{user.name}: {guard}"
-    return Sink(view, torch.arange(bn.num_features), (), pad, guard)
+    return Sink(view, torch.arange(bn.num_features), (), pad, guard, identity=True)
 
 
 def _size_guard(bn: BatchNormView, rank_guard: Guard | None, cone: SymbolicCone | None) -> Guard | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -93,12 +94,17 @@ def _immutable(value: Any) -> bool:
     return isinstance(value, _IMMUTABLE) or (type(value) is tuple and all(map(_immutable, value)))
 
 
+@functools.cache
+def _own_copy_protocol(cls: type) -> bool:
+    return any(name in vars(base) for base in cls.__mro__ if base not in (nn.Module, object)
+               for name in ("__deepcopy__", "__getstate__", "__reduce_ex__", "__reduce__"))
+
+
 def _copy_plain(module: nn.Module, memo: dict[int, Any]) -> nn.Module | None:
     """``copy.deepcopy(module, memo)`` for a module that holds nothing but tensors, immutable values
     and flat collections of them (ReLU, pooling, a Conv2d: no children, no hooks, no copy protocol
     of its own), without deepcopy's generic walk; None for any other module."""
-    if any(name in vars(cls) for cls in type(module).__mro__ if cls not in (nn.Module, object)
-           for name in ("__deepcopy__", "__getstate__", "__reduce_ex__", "__reduce__")):
+    if _own_copy_protocol(type(module)):  # type: ignore[arg-type]  # classes hash
         return None
     state: dict[str, Any] = {}
     for key, value in vars(module).items():
@@ -118,8 +124,14 @@ def _copy_plain(module: nn.Module, memo: dict[int, Any]) -> nn.Module | None:
 def _unshare(gm: GraphModule, caller: nn.Module) -> None:
     """Replace every module and tensor ``gm`` still shares with the caller's model by a copy
     (one copy per shared object, so modules used twice stay one module)."""
-    owned = {id(m) for m in caller.modules()} | {id(t) for t in caller.parameters()} | \
-        {id(t) for t in caller.buffers()}
+    owned: set[int] = set()
+    walk = [caller]
+    while walk:  # caller.modules(), parameters() and buffers(), without their generators' overhead
+        module = walk.pop()
+        if id(module) not in owned:
+            owned.add(id(module))
+            owned.update(id(t) for t in (*module._parameters.values(), *module._buffers.values()) if t is not None)
+            walk.extend(child for child in module._modules.values() if child is not None)
     memo: dict[int, Any] = {}
     pending: list[nn.Module] = [gm]  # gm's own modules: the copies made here and the fused ones share nothing
     while pending:

@@ -43,6 +43,8 @@ def _times(tensor: Tensor, factor: Tensor) -> Tensor:
     """
     if tensor.dtype == torch.float64 or torch.compiler.is_compiling():
         return tensor.to(torch.float64, copy=True).mul_(factor)
+    if tensor.numel() <= _BLOCK:  # one block
+        return tensor.double().mul_(factor).to(tensor.dtype)
     out = torch.empty_like(tensor)
     dim = next((d for d, n in enumerate(tensor.shape) if n > 1), 0)  # blocks along the first dim that has any
     step = max(1, _BLOCK * tensor.shape[dim] // max(1, tensor.numel()))

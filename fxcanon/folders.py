@@ -119,14 +119,15 @@ class ModuleFolder(_Folder):
             for part, tensor, missing in zip(parts, _tensors(bn), (0.0, 0.0, 1.0, 0.0)):
                 part.append(mean.new_full(mean.shape, missing) if tensor is None else tensor.detach().reshape(-1))
         mean, var, gamma, beta = stats = [torch.cat(part).double() for part in parts]
-        sizes = torch.tensor([len(t) for t in parts[0]], device=device)
-        eps = torch.repeat_interleave(torch.tensor([cast(float, bn.eps) for bn in batch.values()],
-                                                   dtype=torch.float64, device=device), sizes)
+        sizes = [len(t) for t in parts[0]]
+        eps_values = [cast(float, bn.eps) for bn in batch.values()]
+        eps: float | Tensor = eps_values[0] if len(set(eps_values)) == 1 else torch.repeat_interleave(
+            torch.tensor(eps_values, dtype=torch.float64, device=device), torch.tensor(sizes, device=device))
         if not (all_finite(stats) and variance_positive(var, eps)):
             return
         s, t = batchnorm_affine(mean, var, gamma, beta, eps)
-        parts = [tensor.split(sizes.tolist()) for tensor in (s, t, *relu_factorization(s, t))]
-        for (key, bn), (s_bn, t_bn, *factors) in zip(batch.items(), zip(*parts)):
+        split = [tensor.split(sizes) for tensor in (s, t, *relu_factorization(s, t))]
+        for (key, bn), (s_bn, t_bn, *factors) in zip(batch.items(), zip(*split)):
             self._affines[key] = (_tensors(bn), Affine(s_bn, t_bn, s_bn, tuple(factors)))
 
     @staticmethod

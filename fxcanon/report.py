@@ -66,8 +66,9 @@ def fold_record(into: str, sink: Any, vector_bias: bool, rule: str | None = None
     """The report line for a fold into ``sink`` (an ``fxcanon.affine.Sink``)."""
     if rule is None:
         rule = THROUGH_LAYOUT if sink.path else BACKWARD_VECTOR if vector_bias else BACKWARD_BIAS_MAP
-    mask = sink.channel_map.ge(0)
-    changed = f"0:{mask.numel()}" if mask.numel() and bool(mask.all()) else index_ranges(mask.nonzero().flatten())
+    mask = None if sink.identity else sink.channel_map.ge(0)
+    changed = index_ranges(mask.nonzero().flatten()) if mask is not None and not bool(mask.all()) else \
+        f"0:{len(sink.channel_map)}" if len(sink.channel_map) else ""
     path = sink.path + ((sink.pad.node.name,) if sink.pad is not None else ())
     return Fold(into, rule, path, changed)
 

@@ -219,7 +219,7 @@ def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, built: MutableS
     """Fold ``s * x + t`` into the input of ``sink`` (see ``FoldBatchNormBackward``) and install it
     (see :func:`put_layer`)."""
     view, pad = sink.view, sink.pad
-    s_in, t_in = channel_affine(sink.channel_map.to(s.device), s, t)
+    s_in, t_in = (s, t) if sink.identity else channel_affine(sink.channel_map.to(s.device), s, t)
     vector = not (view.transposed or view.zero_padded or pad is not None or view.input_pad
                   or view.bias_kernel is not None)
     device = view.weight.device

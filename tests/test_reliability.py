@@ -347,6 +347,51 @@ def test_the_result_is_a_plain_graph_module_with_its_code():
     assert_same(model, copy.deepcopy(gm), torch.randn(1, 3, 5, 5, dtype=D))
 
 
+def _pre_activation_block():
+    """bn1 -> relu -> conv1 -> bn2 -> relu -> conv2: conv1 takes a forward and a threshold fold."""
+    return prepared(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6),
+                                  nn.ReLU(), nn.Conv2d(6, 3, 3, padding=1)))
+
+
+def test_a_layer_folded_twice_in_one_run_is_one_fused_layer():
+    model = _pre_activation_block()
+    before = copy.deepcopy(model.state_dict())
+    gm = canonicalize(symbolic_trace(model))
+    fused = [m for m in gm.modules() if type(m).__name__ == "FusedConv2d"]
+    assert count_batchnorms(gm) == 0 and fused == [gm.get_submodule("2")]  # bn2 forward, bn1 through the ReLU
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_same(model, gm, torch.randn(2, 4, 5, 5, dtype=D))
+
+
+def test_refolding_a_canonized_model_leaves_its_layers_alone():
+    """A second run folds into the first result's fused layer: into a new layer, with the same
+    pass instances (one folder) as the first run."""
+    from fxcanon.passes import FoldBatchNormForward, FoldBatchNormThroughReLU
+    model = _pre_activation_block()
+    forward, threshold = FoldBatchNormForward(), FoldBatchNormThroughReLU(folder=None)
+    threshold.folder = forward.folder
+    first = canonicalize(symbolic_trace(model), passes=[forward])
+    assert count_batchnorms(first) == 1
+    kept = {k: v.clone() for k, v in first.state_dict().items()}
+    second = canonicalize(first, passes=[forward, threshold])
+    assert count_batchnorms(second) == 0 and second.get_submodule("2") is not first.get_submodule("2")
+    assert all(torch.equal(kept[k], v) for k, v in first.state_dict().items())
+    x = torch.randn(2, 4, 5, 5, dtype=D)
+    assert_same(model, first, x)
+    assert_same(model, second, x)
+
+
+def test_submodule_lookup_matches_get_submodule():
+    from fxcanon.views import submodule
+    gm = symbolic_trace(_pre_activation_block())
+    for name, module in gm.named_modules():
+        assert submodule(gm, name) is module
+    gm.register_module("absent", None)
+    for missing in ("9", "2.nothing", "absent", "absent.x"):
+        with pytest.raises(AttributeError):
+            submodule(gm, missing)
+
+
 # --- explicit sums ---------------------------------------------------------------------------------
 
 class AddsBroadcast(nn.Module):
