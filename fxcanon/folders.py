@@ -115,10 +115,11 @@ class ModuleFolder(_Folder):
             return
         parts: list[list[Tensor]] = [[], [], [], []]
         for bn in batch.values():  # checked: running statistics present, eps a number
-            mean = cast(Tensor, bn.running_mean).detach().reshape(-1)
+            mean = cast(Tensor, bn.running_mean).reshape(-1)
             for part, tensor, missing in zip(parts, _tensors(bn), (0.0, 0.0, 1.0, 0.0)):
-                part.append(mean.new_full(mean.shape, missing) if tensor is None else tensor.detach().reshape(-1))
-        mean, var, gamma, beta = stats = [torch.cat(part).double() for part in parts]
+                part.append(mean.new_full(mean.shape, missing) if tensor is None else
+                            tensor if tensor.dim() == 1 else tensor.reshape(-1))
+        mean, var, gamma, beta = stats = [torch.cat(part).detach().double() for part in parts]
         sizes = [len(t) for t in parts[0]]
         eps_values = [cast(float, bn.eps) for bn in batch.values()]
         eps: float | Tensor = eps_values[0] if len(set(eps_values)) == 1 else torch.repeat_interleave(
