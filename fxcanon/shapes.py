@@ -38,7 +38,7 @@ from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .errors import CanonizationError
-from .views import batchnorm_view, call_input, get_attr_value, linear_view, reads_only_metadata, submodule
+from .views import batchnorm_view, bind_args, call_input, get_attr_value, linear_view, reads_only_metadata, submodule
 
 RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
 RESAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
@@ -196,6 +196,25 @@ def record_hint_shapes(gm: GraphModule) -> bool:
     return False
 
 
+_ADAPTIVE_AVERAGE_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+_ADAPTIVE_AVERAGE_MODULES: dict[type, int] = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+
+
+def _adaptive_output(gm: GraphModule, node: Node) -> tuple[int, ...] | None:
+    """The trailing sizes of an adaptive average pooling's result where its output size is given
+    in full (then they are that size whatever the input's), else None."""
+    if node.op == "call_module":
+        module = submodule(gm, str(node.target))
+        dims, size = _ADAPTIVE_AVERAGE_MODULES.get(type(module), 0), getattr(module, "output_size", None)
+    elif node.op == "call_function" and node.target in _ADAPTIVE_AVERAGE_FUNCTIONS:
+        dims = _ADAPTIVE_AVERAGE_FUNCTIONS[node.target]
+        size = bind_args(node, ("input", "output_size")).get("output_size")
+    else:
+        return None
+    sizes = (size,) * dims if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    return sizes if dims and len(sizes) == dims and all(isinstance(n, int) and n > 0 for n in sizes) else None
+
+
 def _resamples(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
         return isinstance(submodule(gm, str(node.target)), RESAMPLE_MODULES)
@@ -265,6 +284,11 @@ class SymbolicCone:
                     self.values[node] = seed(node, (1,))
                     with mode:
                         torch._check(self.values[node].shape[0] == self.values[call_input(node)].shape[0])
+                elif (pooled := _adaptive_output(gm, node)) is not None and call_input(node) in self.values:
+                    # its size rule, without the symbolic checks of its meta kernel (the slowest op here)
+                    x = self.values[call_input(node)]
+                    with mode:
+                        self.values[node] = x.new_empty((*x.shape[:x.dim() - len(pooled)], *pooled))
                 else:
                     args, kwargs = map_arg((node.args, node.kwargs), self.values.__getitem__)
                     with mode:

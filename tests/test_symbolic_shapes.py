@@ -167,3 +167,31 @@ def test_symbolic_sizes_of_the_relation_network_cone():
     assert cone.varying(nodes["encoder_11"]) == (True, False, True, True)
     assert cone.varying(nodes["cat_1"]) == (True, False, False, False)
     assert cone.varying(nodes["view_3"]) == (True, False)
+
+
+class _Pooled(nn.Module):
+    def __init__(self, output_size, functional):
+        super().__init__()
+        self.bn, self.output_size, self.functional = nn.BatchNorm2d(8), output_size, functional
+        self.pool = nn.AdaptiveAvgPool2d(output_size)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(x))
+        return nn.functional.adaptive_avg_pool2d(x, self.output_size) if self.functional else self.pool(x)
+
+
+@pytest.mark.parametrize("output_size, functional", [((3, 2), True), (4, False), ((None, 2), True), ((None, 2), False)])
+def test_adaptive_average_pooling_takes_its_size_rule(monkeypatch, output_size, functional):
+    """Pooling to a size given in full is not run on symbolic sizes but given its result's sizes:
+    the same as running it (and run where the size is not given in full)."""
+    import fxcanon.shapes as shapes
+    gm = symbolic_trace(_Pooled(output_size, functional).eval())
+    record_shapes(gm, (torch.randn(2, 8, 9, 7),))
+    nodes = list(gm.graph.nodes)
+    start, pooled = next(n for n in nodes if n.target == "bn"), nodes[-2]
+    cones = [SymbolicCone(gm, start, [pooled])]
+    monkeypatch.setattr(shapes, "_adaptive_output", lambda gm, node: None)
+    cones.append(SymbolicCone(gm, start, [pooled]))
+    assert [c.sizes(pooled) for c in cones] == [cones[1].sizes(pooled)] * 2
+    assert cones[0].varying(pooled) == (True, False, output_size[0] is None if isinstance(output_size, tuple)
+                                        else False, False)
