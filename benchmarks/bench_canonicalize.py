@@ -8,16 +8,18 @@ Prints Markdown tables and (unless --no-write) writes them to benchmarks/RESULTS
 rounds (one call of each per round, so that other load on the machine hits them alike):
 ``symbolic_trace(model)`` alone; ``canonicalize(symbolic_trace(model))`` without example inputs,
 the trace included; the same with one example input; and ``torch.fx.experimental.optimization.fuse(model)``,
-which deep-copies and traces the model itself. Inference latency compares the unfused model,
-``fuse``, fxcanon with and without explicit sums, gates and pooling modules (the LRP form), and the
-lower bound: the same model with every BatchNorm replaced by identity (not equivalent to the model,
-only the speed a perfect fold can reach).
+which deep-copies and traces the model itself. Every call is timed with the garbage collector
+paused after a collection (as ``timeit`` times), so that no call pays for another's garbage.
+Inference latency compares the unfused model, ``fuse``, fxcanon with and without explicit sums,
+gates and pooling modules (the LRP form), and the lower bound: the same model with every BatchNorm
+replaced by identity (not equivalent to the model, only the speed a perfect fold can reach).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import subprocess
@@ -41,6 +43,19 @@ from fxcanon.zoo import ZOO, build, count_batchnorms, example_inputs  # noqa: E4
 LATENCY_MODELS = ["resnet18", "resnet50", "vgg16_bn", "densenet121", "efficientnet_b0", "mobilenet_v2"]
 
 
+def seconds(fn: Callable[[], object]) -> float:
+    """One call's time, with the garbage collector paused (as ``timeit`` does) after a collection:
+    a full collection of this process takes about 0.2 s and lands on whichever call trips it."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each function over ``repeats`` rounds that call every function once, in turn."""
     for _ in range(warmup):
@@ -49,21 +64,14 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
     times: dict[str, list[float]] = {label: [] for label in fns}
     for _ in range(repeats):
         for label, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[label].append(time.perf_counter() - start)
+            times[label].append(seconds(fn))
     return {label: statistics.median(values) for label, values in times.items()}
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(repeats))
 
 
 def without_batchnorm(model: nn.Module) -> nn.Module:

@@ -94,7 +94,7 @@ def _immutable(value: Any) -> bool:
     return isinstance(value, _IMMUTABLE) or (type(value) is tuple and all(map(_immutable, value)))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)  # bounded: graph modules make a class per instance
 def _own_copy_protocol(cls: type) -> bool:
     return any(name in vars(base) for base in cls.__mro__ if base not in (nn.Module, object)
                for name in ("__deepcopy__", "__getstate__", "__reduce_ex__", "__reduce__"))
