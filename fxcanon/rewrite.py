@@ -61,7 +61,10 @@ def _new_layer(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
     """``cls(*args, **kwargs, device="meta")``, as a copy of a cached instance (constructing a
     layer costs an order of magnitude more than copying its attributes). The copy shares only
     immutable values with the instance: containers (parameter and hook dicts, padding lists) are new."""
-    template = _template(cls, args, tuple(kwargs.items()))  # type: ignore[arg-type]  # classes hash
+    try:
+        template = _template(cls, args, tuple(kwargs.items()))  # type: ignore[arg-type]  # classes hash
+    except TypeError:  # an unhashable hyperparameter (a list): no template
+        return cls(*args, **kwargs, device="meta")
     layer = cls.__new__(cls)
     layer.__dict__.update({key: value.copy() if isinstance(value, (dict, list, set)) else value
                            for key, value in vars(template).items()})

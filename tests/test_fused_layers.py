@@ -13,7 +13,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from fxcanon import canonicalize
 from fxcanon.equivalence import randomize_batchnorms, relative_error
-from fxcanon.modules import ThresholdReLU, conv_bias_map
+from fxcanon.modules import FusedConv2d, FusedConvTranspose1d, FusedLinear, ThresholdReLU, conv_bias_map
 
 D = torch.float64
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -251,3 +251,26 @@ def test_canonized_densenet_copies_and_backpropagates_twice():
         gm(x).sum().backward()
     batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(p.grad is None for bn in batchnorms for p in bn.parameters())
+
+
+@pytest.mark.parametrize("cls, args, kwargs", [
+    (FusedLinear, (3, 5), {}),
+    (FusedConv2d, (4, 6, (3, 3)), {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 2),
+                                   "groups": 2, "padding_mode": "reflect"}),
+    (FusedConvTranspose1d, (4, 6, (3,)), {"stride": [2], "padding": (1,), "dilation": (1,), "groups": 1,
+                                          "padding_mode": "zeros", "output_padding": (1,)}),
+])
+def test_layers_copied_from_templates_equal_constructed_ones(cls, args, kwargs):
+    """Fused layers are copies of cached meta-device instances: the same attributes as constructing
+    one, and no container shared between two copies."""
+    from fxcanon.rewrite import _new_layer
+    first, second, built = _new_layer(cls, *args, **kwargs), _new_layer(cls, *args, **kwargs), \
+        cls(*args, **kwargs, device="meta")
+    assert type(first) is cls and set(vars(first)) == set(vars(built))
+    for key, value in vars(built).items():
+        if key not in ("_parameters",):
+            assert vars(first)[key] == value, key
+        if isinstance(value, (dict, list, set)):
+            assert vars(first)[key] is not vars(second)[key], key
+    assert {k: (p.shape, p.is_meta) for k, p in first.named_parameters()} == \
+        {k: (p.shape, p.is_meta) for k, p in built.named_parameters()}
