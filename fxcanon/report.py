@@ -66,9 +66,11 @@ def fold_record(into: str, sink: Any, vector_bias: bool, rule: str | None = None
     """The report line for a fold into ``sink`` (an ``fxcanon.affine.Sink``)."""
     if rule is None:
         rule = THROUGH_LAYOUT if sink.path else BACKWARD_VECTOR if vector_bias else BACKWARD_BIAS_MAP
-    mask = None if sink.identity else sink.channel_map.ge(0)
-    changed = index_ranges(mask.nonzero().flatten()) if mask is not None and not bool(mask.all()) else \
-        f"0:{len(sink.channel_map)}" if len(sink.channel_map) else ""
+    channels = len(sink.channel_map)
+    if sink.identity or bool(sink.channel_map.ge(0).all()):  # every input channel from the BatchNorm
+        changed = f"0:{channels}" if channels else ""
+    else:
+        changed = index_ranges(sink.channel_map.ge(0).nonzero().flatten())
     path = sink.path + ((sink.pad.node.name,) if sink.pad is not None else ())
     return Fold(into, rule, path, changed)
 
