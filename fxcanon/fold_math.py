@@ -35,12 +35,17 @@ def batchnorm_affine(
 _BLOCK = 1 << 18  # elements per float64 block of a product
 
 
-def _times(tensor: Tensor, factor: Tensor) -> Tensor:
+def _times(tensor: Tensor, factor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``tensor * factor`` computed in float64 and rounded once to ``tensor``'s dtype: bit for bit
     the float64 product, then the cast. A tensor of lower precision is converted a block at a time
     into its result, so no float64 copy of a large weight is ever allocated; under
     ``torch.compile`` (one traced op) and for float64 the product is a scaled float64 copy.
+
+    With ``dtype``, ``tensor`` is a float64 copy the caller made and gives up (:func:`_float64_copy`):
+    it is scaled in place and rounded to ``dtype``.
     """
+    if dtype is not None:
+        return tensor.mul_(factor).to(dtype)
     if tensor.dtype == torch.float64 or torch.compiler.is_compiling():
         return tensor.to(torch.float64, copy=True).mul_(factor)
     if tensor.numel() <= _BLOCK:  # one block
@@ -55,15 +60,23 @@ def _times(tensor: Tensor, factor: Tensor) -> Tensor:
     return out
 
 
-def _scale_dim0(weight: Tensor, scale: Tensor) -> Tensor:
-    return _times(weight, scale.reshape(-1, *([1] * (weight.dim() - 1))))
+def _float64_copy(tensor: Tensor) -> Tensor | None:
+    """A float64 copy of a weight of lower precision that is one block of :func:`_times` (so one
+    conversion can serve two products), else None."""
+    if tensor.dtype == torch.float64 or tensor.numel() > _BLOCK or torch.compiler.is_compiling():
+        return None
+    return tensor.double()
 
 
-def _scale_dim1_per_group(weight: Tensor, scale: Tensor, groups: int) -> Tensor:
+def _scale_dim0(weight: Tensor, scale: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return _times(weight, scale.reshape(-1, *([1] * (weight.dim() - 1))), dtype)
+
+
+def _scale_dim1_per_group(weight: Tensor, scale: Tensor, groups: int, dtype: torch.dtype | None = None) -> Tensor:
     """``weight[g * (n0/groups) + i, j] * scale[g * n1 + j]``: dim 1 indexes channels within a group."""
     shape = weight.shape
     grouped = weight.reshape(groups, shape[0] // groups, *shape[1:])
-    return _times(grouped, scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))).reshape(shape)
+    return _times(grouped, scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2))), dtype).reshape(shape)
 
 
 def scale_output_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
@@ -127,7 +140,13 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
     """
     if vector_bias and transposed:
         raise ValueError("a transposed convolution's shift is position-dependent: vector_bias must be False")
-    weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
+    if vector_bias:  # one float64 copy of the weight for the shift and the product, where one block
+        weight64 = _float64_copy(layer.weight)
+        shift = _input_shift(layer.weight if weight64 is None else weight64, t_in, groups)
+        weight = scale_input_channels(layer.weight, s_in, groups=groups) if weight64 is None else \
+            _scale_dim1_per_group(weight64, s_in, groups, layer.weight.dtype)
+    else:
+        weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
     pad_kernel = layer.pad_kernel
     if pad_value is not None and (pad_value != 0.0 or layer.bias_kernel is not None):
         ring = layer.weight.double() * pad_value
@@ -135,8 +154,7 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
             ring = ring + layer.bias_kernel.double()
         pad_kernel = ring if pad_kernel is None else pad_kernel + ring
     if vector_bias:
-        return replace(layer, weight=weight, bias=layer.bias + _input_shift(layer.weight, t_in, groups),
-                       pad_kernel=pad_kernel)
+        return replace(layer, weight=weight, bias=layer.bias + shift, pad_kernel=pad_kernel)
     if layer.bias_kernel is None:
         bias_kernel = scale_input_channels(layer.weight, t_in, transposed=transposed, groups=groups)
     else:  # summed in float64, rounded once
