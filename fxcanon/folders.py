@@ -157,13 +157,14 @@ class ModuleFolder(_Folder):
     def fold_input(self, gm: GraphModule, sink: Sink, s: Any, t: Any, rule: str | None = None) -> Fold:
         return fold_sink(gm, sink, s, t, self.built(gm), rule)
 
-    def threshold(self, gm: GraphModule, bn: BatchNormView, relu: Node, affine: Affine) -> tuple[Node, Any]:
+    def threshold(self, gm: GraphModule, bn: BatchNormView, relu: Node, affine: Affine) -> Any:
+        """Make ``relu``'s node compute the threshold activation of the BatchNorm's input (its users
+        read it as they read the ReLU); returns the shift ``t'`` left for the layers after it."""
         theta, sign, shift = affine.factors or relu_factorization(affine.s, affine.t)
         name = fresh_name(gm, f"{relu.name}_threshold")
         gm.add_submodule(name, ThresholdReLU(theta.to(bn.running_mean, copy=True), sign.to(bn.running_mean, copy=True)))
-        with gm.graph.inserting_before(relu):
-            node = gm.graph.call_module(name, (bn.input,))
-        return node, shift
+        relu.op, relu.target, relu.args, relu.kwargs = "call_module", name, (bn.input,), {}
+        return shift
 
 
 def _tensors(bn: BatchNormView) -> tuple[Tensor | None, ...]:
@@ -284,13 +285,13 @@ class GraphFolder(_Folder):
             view.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
         return fold_record(view.node.name, sink, vector, rule)
 
-    def threshold(self, gm: GraphModule, bn: BatchNormView, relu: Node, affine: Affine) -> tuple[Node, Any]:
+    def threshold(self, gm: GraphModule, bn: BatchNormView, relu: Node, affine: Affine) -> Any:
         graph = gm.graph
         with graph.inserting_before(relu):
             factors = graph.call_function(self._fn(relu_factorization), (affine.s, affine.t))
             theta, sign, shift = (graph.call_function(operator.getitem, (factors, i)) for i in range(3))
-            node = graph.call_function(threshold_relu, (bn.input, theta, sign))
-        return node, shift
+        relu.op, relu.target, relu.args, relu.kwargs = "call_function", threshold_relu, (bn.input, theta, sign), {}
+        return shift
 
 
 def _hoist(gm: GraphModule, args: list[Any]) -> Node | None:

@@ -10,7 +10,9 @@ node feeds from a value of that node alone (no model run).
 ``SymbolicCone`` runs what one node feeds on fake tensors whose sizes are symbols
 (``torch.fx.experimental.symbolic_shapes``): the node's value with every size free but its channel
 axis, other tensors it meets with every size free (Tensors of the model itself keep theirs), the
-output of a resampling op with free spatial sizes (its float size rule would fix them all). A
+output of a resampling op with free spatial sizes (its float size rule would fix them all).
+Flatten and adaptive average pooling to a size given in full take their size rules instead of
+running (tensors known by their sizes alone become fake tensors where another op reads them). A
 size of a node there either has free symbols (it *varies* with the input sizes) or is a constant,
 possibly only under the conditions the run had to assume (an Embedding's batch is the image's
 because ``cat`` needs it). A feature map proven with the varying sizes held apart from the
@@ -21,8 +23,10 @@ not 1 at the hint: refused there).
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -200,9 +204,12 @@ _ADAPTIVE_AVERAGE_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 
 _ADAPTIVE_AVERAGE_MODULES: dict[type, int] = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
 
 
-def _adaptive_output(gm: GraphModule, node: Node) -> tuple[int, ...] | None:
-    """The trailing sizes of an adaptive average pooling's result where its output size is given
-    in full (then they are that size whatever the input's), else None."""
+SizeRule = Callable[[tuple[Any, ...]], tuple[Any, ...] | None]  # None: the op itself is run
+
+
+def _adaptive_output(gm: GraphModule, node: Node) -> SizeRule | None:
+    """The size rule of an adaptive average pooling whose output size is given in full: its
+    trailing sizes are that size whatever the input's; else None."""
     if node.op == "call_module":
         module = submodule(gm, str(node.target))
         dims, size = _ADAPTIVE_AVERAGE_MODULES.get(type(module), 0), getattr(module, "output_size", None)
@@ -211,8 +218,53 @@ def _adaptive_output(gm: GraphModule, node: Node) -> tuple[int, ...] | None:
         size = bind_args(node, ("input", "output_size")).get("output_size")
     else:
         return None
-    sizes = (size,) * dims if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
-    return sizes if dims and len(sizes) == dims and all(isinstance(n, int) and n > 0 for n in sizes) else None
+    pooled = (size,) * dims if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if not (dims and len(pooled) == dims and all(isinstance(n, int) and n > 0 for n in pooled)):
+        return None
+    return lambda shape: (*shape[:len(shape) - dims], *pooled) if len(shape) in (dims + 1, dims + 2) else None
+
+
+def _flatten(gm: GraphModule, node: Node) -> SizeRule | None:
+    """The size rule of a flatten with int dims (``torch.flatten``, ``Tensor.flatten``,
+    ``nn.Flatten``): the sizes from ``start_dim`` to ``end_dim`` multiplied; else None."""
+    if node.op == "call_module":
+        module = submodule(gm, str(node.target))
+        if type(module) is not nn.Flatten:
+            return None
+        start, end = module.start_dim, module.end_dim
+    elif (node.op == "call_function" and node.target is torch.flatten) or \
+            (node.op == "call_method" and node.target == "flatten"):
+        if len(node.args) > 3 or not set(node.kwargs) <= {"input", "start_dim", "end_dim"}:
+            return None
+        bound = bind_args(node, ("input", "start_dim", "end_dim"))
+        start, end = bound.get("start_dim", 0), bound.get("end_dim", -1)
+    else:
+        return None
+    if type(start) is not int or type(end) is not int:
+        return None
+
+    def rule(shape: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        rank = max(len(shape), 1)
+        first, last = start + rank if start < 0 else start, end + rank if end < 0 else end
+        if not 0 <= first <= last < rank:
+            return None  # torch raises: the op itself runs
+        if not shape:
+            return (1,)
+        return (*shape[:first], functools.reduce(operator.mul, shape[first:last + 1], 1), *shape[last + 1:])
+    return rule
+
+
+_SIZE_RULES = (_adaptive_output, _flatten)
+
+
+class _Sizes:
+    """A tensor of the symbolic run known by its sizes alone: a fake tensor is made of it only
+    where an op without a size rule reads it (making one costs more than most size rules)."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape: Sequence[Any], dtype: torch.dtype) -> None:
+        self.shape, self.dtype = tuple(shape), dtype
 
 
 def _resamples(gm: GraphModule, node: Node) -> bool:
@@ -241,9 +293,11 @@ class SymbolicCone:
         mode.cache_enabled = False
         device = next((t.device for t in itertools.chain(gm.parameters(), gm.buffers())), torch.device("cpu"))
         downstream = {start}
-        for node in gm.graph.nodes:
+        node = start.next
+        while node.op != "root":  # graphs are in topological order: nothing before start is downstream
             if node.op != "output" and any(arg in downstream for arg in node.all_input_nodes):
                 downstream.add(node)
+            node = node.next
 
         names = itertools.count()
 
@@ -251,15 +305,25 @@ class SymbolicCone:
             symbol = self.env.create_symbol(hint, ConstantSource(f"size{next(names)}"), dynamic_dim=DimDynamic.DYNAMIC)
             return self.env.create_symintnode(symbol, hint=hint)
 
-        def seed(node: Node, held: tuple[int, ...]) -> Tensor:
+        def seed(node: Node, held: tuple[int, ...]) -> _Sizes:
             meta = node.meta.get("tensor_meta")
             if meta is None or not hasattr(meta, "shape"):
                 raise CanonizationError(f"{node.name}: no recorded shape")
             # ``free_ones``: a free size recorded as 1 gets the hint 2 (fake tensors take a size 1 as a
             # constant); without, it stays the constant 1
-            shape = [n if d in held else size(2 if free_ones and n == 1 else n) for d, n in enumerate(meta.shape)]
-            with mode:
-                return torch.empty(shape, dtype=meta.dtype, device=device)
+            return _Sizes([n if d in held else size(2 if free_ones and n == 1 else n)
+                           for d, n in enumerate(meta.shape)], meta.dtype)
+
+        def value(node: Node) -> Any:  # a fake tensor where the run has sizes alone
+            found = self.values[node]
+            if isinstance(found, _Sizes):
+                with mode:
+                    found = self.values[node] = torch.empty(found.shape, dtype=found.dtype, device=device)
+            return found
+
+        def size_rule(node: Node) -> SizeRule | None:
+            return next((rule for find in _SIZE_RULES if (rule := find(gm, node)) is not None), None) \
+                if call_input(node) in self.values else None
 
         def seeded(node: Node) -> bool:  # a value of its own: read from the model, or free sizes
             return node.op in ("get_attr", "placeholder") or (node not in downstream and _recorded(node))
@@ -282,20 +346,17 @@ class SymbolicCone:
                     self.values[node] = seed(node, ())
                 elif _resamples(gm, node):  # its size rule would take every size as a constant (float math)
                     self.values[node] = seed(node, (1,))
-                    with mode:
-                        torch._check(self.values[node].shape[0] == self.values[call_input(node)].shape[0])
-                elif (pooled := _adaptive_output(gm, node)) is not None and call_input(node) in self.values:
-                    # its size rule, without the symbolic checks of its meta kernel (the slowest op here)
-                    x = self.values[call_input(node)]
-                    with mode:
-                        self.values[node] = x.new_empty((*x.shape[:x.dim() - len(pooled)], *pooled))
+                    torch._check(self.values[node].shape[0] == self.values[call_input(node)].shape[0])
+                elif (rule := size_rule(node)) is not None and \
+                        (shape := rule((x := self.values[call_input(node)]).shape)) is not None:
+                    # without the symbolic checks of the op's meta kernel (the slowest part of a run)
+                    self.values[node] = _Sizes(shape, x.dtype)
                 else:
-                    args, kwargs = map_arg((node.args, node.kwargs), self.values.__getitem__)
+                    args, kwargs = map_arg((node.args, node.kwargs), value)
                     with mode:
                         self.values[node] = run_call(gm, node, args, kwargs)
-            with mode:
-                for node, dim, required in sizes_of:
-                    torch._check(self.values[node].shape[dim] == required)
+            for node, dim, required in sizes_of:
+                torch._check(self.values[node].shape[dim] == required)
         except CanonizationError:
             raise
         except Exception as error:
@@ -317,14 +378,14 @@ class SymbolicCone:
     def sizes(self, node: Node) -> tuple[Any, ...] | None:
         """The symbolic sizes of a tensor ``node`` (sympy expressions), None if it is no tensor."""
         value = self.values.get(node)
-        return tuple(self._expr(d) for d in value.shape) if isinstance(value, Tensor) else None
+        return tuple(self._expr(d) for d in value.shape) if isinstance(value, (Tensor, _Sizes)) else None
 
     def varying(self, node: Node) -> tuple[bool, ...] | tuple[tuple[bool, ...], ...]:
         """Per dim of ``node``'s tensor (per tensor of a tuple of tensors): whether its size varies."""
         value = self.values.get(node)
         if isinstance(value, (tuple, list)):
             return tuple(tuple(self.expr_varies(d) for d in v.shape) if isinstance(v, Tensor) else () for v in value)
-        return tuple(self.expr_varies(d) for d in value.shape) if isinstance(value, Tensor) else ()
+        return tuple(self.expr_varies(d) for d in value.shape) if isinstance(value, (Tensor, _Sizes)) else ()
 
     def value_varies(self, node: Node) -> bool:
         """True if the non-tensor value of ``node`` (a size, a tuple of sizes) depends on the input sizes."""

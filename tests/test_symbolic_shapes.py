@@ -16,6 +16,7 @@ from torch.fx import symbolic_trace
 
 from fxcanon import canonicalize, get_report
 from fxcanon.equivalence import check_equivalence, randomize_batchnorms, relative_error
+from fxcanon.errors import CanonizationError
 from fxcanon.models import RelationNetwork
 from fxcanon.shapes import HINTED_KEY, SymbolicCone, record_hint_shapes, record_shapes
 from fxcanon.zoo import MIN_SIZE, ZOO, build, count_batchnorms
@@ -190,8 +191,51 @@ def test_adaptive_average_pooling_takes_its_size_rule(monkeypatch, output_size, 
     nodes = list(gm.graph.nodes)
     start, pooled = next(n for n in nodes if n.target == "bn"), nodes[-2]
     cones = [SymbolicCone(gm, start, [pooled])]
-    monkeypatch.setattr(shapes, "_adaptive_output", lambda gm, node: None)
+    monkeypatch.setattr(shapes, "_SIZE_RULES", ())
     cones.append(SymbolicCone(gm, start, [pooled]))
     assert [c.sizes(pooled) for c in cones] == [cones[1].sizes(pooled)] * 2
     assert cones[0].varying(pooled) == (True, False, output_size[0] is None if isinstance(output_size, tuple)
                                         else False, False)
+
+
+class _Flattened(nn.Module):
+    def __init__(self, spelling, dims, pool):
+        super().__init__()
+        self.bn, self.spelling, self.dims, self.pool = nn.BatchNorm2d(8), spelling, dims, pool
+        self.flatten = nn.Flatten(*dims)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(x))
+        if self.pool:
+            x = nn.functional.adaptive_avg_pool2d(x, 1)
+        if self.spelling == "function":
+            return torch.flatten(x, *self.dims)
+        return x.flatten(*self.dims) if self.spelling == "method" else self.flatten(x)
+
+
+@pytest.mark.parametrize("spelling", ["function", "method", "module"])
+@pytest.mark.parametrize("dims, pool", [((1, -1), True), ((1, -1), False), ((0, 2), False), ((-2, -1), False),
+                                        ((2, 2), False), ((-4, 0), True)])
+def test_flatten_takes_its_size_rule(monkeypatch, spelling, dims, pool):
+    """Flatten is not run on symbolic sizes but given its result's sizes: the same sizes as running it."""
+    import fxcanon.shapes as shapes
+    gm = symbolic_trace(_Flattened(spelling, dims, pool).eval())
+    record_shapes(gm, (torch.randn(2, 8, 9, 7),))
+    nodes = list(gm.graph.nodes)
+    start, flat = next(n for n in nodes if n.target == "bn"), nodes[-2]
+    cones = [SymbolicCone(gm, start, [flat])]
+    monkeypatch.setattr(shapes, "_SIZE_RULES", ())
+    cones.append(SymbolicCone(gm, start, [flat]))
+    assert cones[0].sizes(flat) == cones[1].sizes(flat)
+    assert cones[0].varying(flat) == cones[1].varying(flat)
+    assert isinstance(cones[0].values[flat], shapes._Sizes) and isinstance(cones[1].values[flat], torch.Tensor)
+
+
+def test_flatten_with_dims_out_of_order_fails_as_the_op_does():
+    gm = symbolic_trace(_Flattened("function", (1, -1), False).eval())
+    record_shapes(gm, (torch.randn(2, 8, 3, 3),))
+    nodes = list(gm.graph.nodes)
+    start, flat = next(n for n in nodes if n.target == "bn"), nodes[-2]
+    flat.args = (flat.args[0], 2, 1)
+    with pytest.raises(CanonizationError, match="start_dim"):
+        SymbolicCone(gm, start, [flat])

@@ -51,13 +51,10 @@ class FoldBatchNormThroughReLU(CanonizationPass):
                     entry.refusals.append(Refusal(NOT_THROUGH_RELU, f"after its ReLU: {reason}"))
                 continue
             self.guard(graph_module, bn.input, plan.guard, bn.node, bn, entry)
-            threshold, shift = self.folder.threshold(graph_module, bn, relu, affine)
-            threshold.meta = dict(relu.meta)
-            for user in plan.rewired:
-                user.replace_input_with(relu, threshold)
+            shift = self.folder.threshold(graph_module, bn, relu, affine)  # relu's node computes h(x) now
             for sink in plan.sinks:
                 entry.folds.append(self.folder.fold_input(graph_module, sink, affine.s, shift, rule=THRESHOLD))
-            for node in [relu, *reversed(between)]:
+            for node in reversed(between):
                 graph_module.graph.erase_node(node)
             erase_norm(graph_module, bn)
             entry.refusals = []
