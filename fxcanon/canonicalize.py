@@ -49,12 +49,16 @@ def _run(gm: GraphModule, passes: Sequence[CanonizationPass], max_rounds: int) -
     changed = False
     for _ in range(max_rounds):
         modified = False
-        for canon_pass in passes:
-            result = canon_pass.run(gm)
+        for canon_pass, after in zip(passes, [*passes[1:], *passes[:1]]):
+            result = canon_pass.sweep(gm)
+            if after.folder is not canon_pass.folder:  # what the next pass reads is computed
+                canon_pass.folder.flush(gm)
             modified = modified or result.modified
         changed = changed or modified
         if not modified:
             break
+    for canon_pass in passes:
+        canon_pass.folder.flush(gm)
     return changed
 
 

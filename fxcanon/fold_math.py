@@ -60,12 +60,14 @@ def _times(tensor: Tensor, factor: Tensor, dtype: torch.dtype | None = None) -> 
     return out
 
 
+def _one_block(tensor: Tensor) -> bool:
+    """True for a weight of lower precision that one block of :func:`_times` holds (outside ``torch.compile``)."""
+    return tensor.dtype != torch.float64 and tensor.numel() <= _BLOCK and not torch.compiler.is_compiling()
+
+
 def _float64_copy(tensor: Tensor) -> Tensor | None:
-    """A float64 copy of a weight of lower precision that is one block of :func:`_times` (so one
-    conversion can serve two products), else None."""
-    if tensor.dtype == torch.float64 or tensor.numel() > _BLOCK or torch.compiler.is_compiling():
-        return None
-    return tensor.double()
+    """A float64 copy of a one-block weight (so one conversion can serve two products), else None."""
+    return tensor.double() if _one_block(tensor) else None
 
 
 def _scale_dim0(weight: Tensor, scale: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -108,6 +110,15 @@ class LayerTensors:
     bias: Tensor
     bias_kernel: Tensor | None = None
     pad_kernel: Tensor | None = None
+
+
+def float64_blocks(layer: LayerTensors) -> LayerTensors:
+    """``layer`` with a weight of lower precision that is one block of :func:`_times` (and its kernels)
+    in float64, so that folds applied one after the other are rounded once, at the end; else as it is."""
+    if not _one_block(layer.weight):
+        return layer
+    return LayerTensors(*(None if t is None else t.double() for t in
+                          (layer.weight, layer.bias, layer.bias_kernel, layer.pad_kernel)))  # type: ignore[arg-type]
 
 
 def fold_into_output(layer: LayerTensors, s: Tensor, t: Tensor, *, transposed: bool = False,

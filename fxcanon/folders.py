@@ -27,7 +27,7 @@ from .errors import CanonizationError
 from .fold_math import batchnorm_affine, fold_into_output, fused_input, fused_output, relu_factorization
 from .modules import ThresholdReLU, conv_bias_map, threshold_relu
 from .report import GRAPH_INPUTS, TRAINING, Fold, Refusal, fold_record
-from .rewrite import fold_sink, fresh_name, layer_tensors, put_layer
+from .rewrite import Deferred, fold_sink, fresh_name
 from .views import (LINEAR_FUNCTIONS, BatchNormView, LinearView, Submodules, all_finite, check_batchnorm,
                     variance_positive)
 
@@ -46,39 +46,56 @@ class Affine:
     factors: tuple[Tensor, Tensor, Tensor] | None = None
 
 
+@dataclasses.dataclass
+class _GraphState:
+    """What a folder knows of the graph module it folds in (see :meth:`_Folder.norm_modules`)."""
+
+    graph_module: weakref.ref[GraphModule]
+    modules: Submodules
+    no_norms: set[Node] = dataclasses.field(default_factory=set)
+    built: weakref.WeakSet[nn.Module] = dataclasses.field(default_factory=weakref.WeakSet)
+    deferred: Deferred = dataclasses.field(default_factory=Deferred)
+
+
 class _Folder:
     """What both folders share: the submodules of the graph module they fold in."""
 
     def __init__(self) -> None:
-        self._seen: tuple[weakref.ref[GraphModule], Submodules, set[Node], weakref.WeakSet[nn.Module]] | None = None
+        self._seen: _GraphState | None = None
 
-    def _state(self, gm: GraphModule) -> tuple[weakref.ref[GraphModule], Submodules, set[Node],
-                                               weakref.WeakSet[nn.Module]]:
-        if self._seen is None or self._seen[0]() is not gm:
-            self._seen = (weakref.ref(gm), Submodules(gm, gm.named_modules(remove_duplicate=False)), set(),
-                          weakref.WeakSet())
+    def _state(self, gm: GraphModule) -> _GraphState:
+        if self._seen is None or self._seen.graph_module() is not gm:
+            self._seen = _GraphState(weakref.ref(gm), Submodules(gm, gm.named_modules(remove_duplicate=False)))
         return self._seen
 
     def norm_modules(self, gm: GraphModule) -> tuple[Submodules, set[Node]]:
         """``gm``'s modules as this folder first saw them (names added since are looked up), and the
         nodes found to be no norm source for good (:func:`fxcanon.views.never_a_norm`): enough to
         tell which calls run a norm, since passes replace layers and add modules, never norms."""
-        _, modules, no_norms, _ = self._state(gm)
-        return modules, no_norms
+        state = self._state(gm)
+        return state.modules, state.no_norms
 
     def built(self, gm: GraphModule) -> weakref.WeakSet[nn.Module]:
         """The fused layers this folder made for ``gm``: a later fold into one updates it in place."""
-        return self._state(gm)[3]
+        return self._state(gm).built
 
     def prefetch(self, views: list[BatchNormView], allow_training: bool) -> None:
         """Prepare the affine maps of ``views`` before they are asked for one by one (no-op here)."""
+
+    def flush(self, gm: GraphModule) -> None:
+        """Compute the folds into ``gm``'s layers this folder deferred (:class:`fxcanon.rewrite.Deferred`):
+        before anything reads the layers' tensors other than through this folder."""
+        if self._seen is not None and self._seen.graph_module() is gm:
+            self._seen.deferred.flush()
 
 
 class ModuleFolder(_Folder):
     """Fold the values the graph holds now into new fused modules.
 
     Each BatchNorm's affine map is computed once for all passes sharing the folder, again only
-    when one of its tensors is replaced or changed in place (its version counter moves)."""
+    when one of its tensors is replaced or changed in place (its version counter moves). Folds
+    into layers are deferred until :meth:`flush` (:class:`fxcanon.rewrite.Deferred`), which
+    :func:`fxcanon.canonicalize.run_passes` and :meth:`CanonizationPass.run` call."""
 
     graph_params = False
 
@@ -150,12 +167,14 @@ class ModuleFolder(_Folder):
 
     def fold_output(self, gm: GraphModule, plan: ForwardFold, affine: Affine) -> Node:
         producer = plan.producer
-        tensors = fold_into_output(layer_tensors(producer), affine.s, affine.t, transposed=producer.transposed,
-                                   groups=producer.groups)
-        return put_layer(gm, producer, tensors, producer.input_pad, self.built(gm))
+        fold = functools.partial(fold_into_output, s=affine.s, t=affine.t, transposed=producer.transposed,
+                                 groups=producer.groups)
+        state = self._state(gm)
+        return state.deferred.put(gm, producer, fold, producer.input_pad, state.built, defer=True)
 
     def fold_input(self, gm: GraphModule, sink: Sink, s: Any, t: Any, rule: str | None = None) -> Fold:
-        return fold_sink(gm, sink, s, t, self.built(gm), rule)
+        state = self._state(gm)
+        return fold_sink(gm, sink, s, t, state.built, state.deferred, rule)
 
     def threshold(self, gm: GraphModule, bn: BatchNormView, relu: Node, affine: Affine) -> Any:
         """Make ``relu``'s node compute the threshold activation of the BatchNorm's input (its users
@@ -174,8 +193,12 @@ def _tensors(bn: BatchNormView) -> tuple[Tensor | None, ...]:
 def _key(bn: BatchNormView, allow_training: bool) -> tuple[Any, ...]:
     """What an affine map depends on: its tensors (identity and version), eps, mode and kind. The
     cache keeps the tensors alive, so their ids stay theirs."""
-    return (*(None if t is None else (id(t), t._version) for t in _tensors(bn)), bn.eps, bn.training,
-            id(bn.kind), allow_training)
+    return (_tensor_state(bn.running_mean), _tensor_state(bn.running_var), _tensor_state(bn.weight),
+            _tensor_state(bn.bias), bn.eps, bn.training, id(bn.kind), allow_training)
+
+
+def _tensor_state(tensor: Tensor | None) -> tuple[int, int] | None:
+    return None if tensor is None else (id(tensor), tensor._version)
 
 
 class CachedFold:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable, MutableSet
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,10 +19,11 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from .affine import Sink
-from .fold_math import (LayerTensors, batchnorm_affine, channel_affine, fold_into_input, fused_input, fused_output,
-                        relu_factorization)
+from .fold_math import (LayerTensors, batchnorm_affine, channel_affine, float64_blocks, fold_into_input, fused_input,
+                        fused_output, relu_factorization)
 from .modules import FUSED_FOR
-from .report import Fold, fold_record
+from .report import Fold as FoldRecord
+from .report import fold_record
 from .views import LINEAR_MODULES, BatchNormView, LinearView, call_input, submodule
 
 # (spatial dims, transposed) -> the standard layer type
@@ -71,8 +73,10 @@ def _new_layer(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
     return layer
 
 
-def build_layer(view: LinearView, tensors: LayerTensors, input_pad: tuple[int, ...] = ()) -> nn.Module:
-    """A fused layer with ``view``'s hyperparameters and the given tensors."""
+def build_layer(view: LinearView, tensors: LayerTensors, input_pad: tuple[int, ...] = (),
+                share: bool = False) -> nn.Module:
+    """A fused layer with ``view``'s hyperparameters and the given tensors (copied where they share a
+    storage with ``view``'s, unless ``share``: a stand-in until :class:`Deferred` computes its own)."""
     base = _BASE_TYPES[(view.spatial_dims, view.transposed)]
     cls = FUSED_FOR[base]
     if view.spatial_dims == 0:
@@ -84,11 +88,14 @@ def build_layer(view: LinearView, tensors: LayerTensors, input_pad: tuple[int, .
         if view.transposed:
             common["output_padding"] = view.output_padding
         layer = _new_layer(cls, view.in_channels, view.out_channels, kernel_size, **common)
-    shared = {t.untyped_storage().data_ptr() for t in (view.weight, view.bias, view.bias_kernel, view.pad_kernel)
-              if t is not None}
-    _set_tensors(layer, view, tensors, input_pad, shared)
+    _set_tensors(layer, view, tensors, input_pad, set() if share else _storages(view))
     layer.train(view.module.training if view.module is not None else False)
     return layer
+
+
+def _storages(view: LinearView) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in (view.weight, view.bias, view.bias_kernel, view.pad_kernel)
+            if t is not None}
 
 
 def _set_tensors(layer: nn.Module, view: LinearView, tensors: LayerTensors, input_pad: tuple[int, ...],
@@ -105,18 +112,73 @@ def _set_tensors(layer: nn.Module, view: LinearView, tensors: LayerTensors, inpu
         layer.input_pad = tuple(input_pad)  # type: ignore[assignment]
 
 
-def put_layer(gm: GraphModule, view: LinearView, tensors: LayerTensors, input_pad: tuple[int, ...],
-              built: MutableSet[nn.Module]) -> Node:
-    """Make ``view.node`` compute the fused layer with ``tensors``: a new layer (added to ``built``),
-    installed as :func:`install_layer` does, unless ``view``'s layer is in ``built`` (made for this
-    graph module by the same folder, called at this node alone), whose tensors are then replaced."""
-    layer = view.module
-    if layer is not None and layer in built:
-        _set_tensors(layer, view, tensors, input_pad, set())
-        return view.node
-    layer = build_layer(view, tensors, input_pad)
-    built.add(layer)
-    return install_layer(gm, view, layer)
+Fold = Callable[[LayerTensors], LayerTensors]  # a layer's tensors -> the fused layer's
+
+
+@dataclass
+class _Pending:
+    view: LinearView  # the layer when its first deferred fold came: its tensors are where the folds start
+    folds: list[Fold]
+
+
+class Deferred:
+    """Folds into layers, computed when :meth:`flush` is called rather than one by one.
+
+    The passes only analyse and edit the graph until then (the weight products, which stream every
+    weight through the caches, come after), and a layer that takes several folds (DenseNet's 1x1
+    convolutions: a BatchNorm forward, the next through the ReLU) is computed once, from its own
+    tensors: in float64 where it is one block (``fold_math``), rounded once. Until the flush, a
+    layer that holds deferred folds is a fused layer holding the tensors the folds start from
+    (sharing their storage), so that its kind, shapes and device are the fused layer's; a fold
+    that changes which tensors a layer has (a bias kernel, a padding kernel) is not deferred: the
+    layer's deferred folds are computed first.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[nn.Module, _Pending] = {}
+
+    def put(self, gm: GraphModule, view: LinearView, fold: Fold, input_pad: tuple[int, ...],
+            built: MutableSet[nn.Module], defer: bool) -> Node:
+        """Make ``view.node`` compute ``fold`` of its layer: later where ``defer``; a layer in
+        ``built`` (made for this graph module, called at this node alone) is updated in place, any
+        other replaced by a new fused layer, added to ``built`` and installed (:func:`install_layer`)."""
+        layer = view.module
+        if layer is not None and layer in self._pending:
+            if defer:
+                self._pending[layer].folds.append(fold)
+                return view.node
+            self._compute(layer, self._pending.pop(layer))  # its deferred folds first: the view reads them
+            tensors: dict[str, Any] = {name: getattr(layer, name, None)
+                                       for name in ("weight", "bias", "bias_kernel", "pad_kernel")}
+            view = replace(view, **tensors)
+        if layer is not None and layer in built:
+            if defer:
+                self._pending[layer] = _Pending(view, [fold])
+            else:
+                _set_tensors(layer, view, fold(layer_tensors(view)), input_pad, set())
+            return view.node
+        if defer:
+            layer = build_layer(view, layer_tensors(view), input_pad, share=True)
+            self._pending[layer] = _Pending(view, [fold])
+        else:
+            layer = build_layer(view, fold(layer_tensors(view)), input_pad)
+        built.add(layer)
+        return install_layer(gm, view, layer)
+
+    def flush(self) -> None:
+        """Compute every deferred fold."""
+        while self._pending:
+            self._compute(*self._pending.popitem())
+
+    @staticmethod
+    def _compute(layer: nn.Module, pending: _Pending) -> None:
+        view = pending.view
+        tensors = layer_tensors(view)
+        if len(pending.folds) > 1:  # in float64 between the folds where one block: rounded once
+            tensors = float64_blocks(tensors)
+        for fold in pending.folds:
+            tensors = fold(tensors)
+        _set_tensors(layer, view, tensors, view.input_pad, set() if layer is view.module else _storages(view))
 
 
 def _sole_use(gm: GraphModule, node: Node) -> bool:
@@ -217,10 +279,10 @@ def regenerate(gm: GraphModule) -> None:
     gm.recompile()
 
 
-def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, built: MutableSet[nn.Module],
-              rule: str | None = None) -> Fold:
+def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, built: MutableSet[nn.Module], deferred: Deferred,
+              rule: str | None = None) -> FoldRecord:
     """Fold ``s * x + t`` into the input of ``sink`` (see ``FoldBatchNormBackward``) and install it
-    (see :func:`put_layer`)."""
+    (see :meth:`Deferred.put`: deferred where it leaves the layer's tensors as they are, a vector bias)."""
     view, pad = sink.view, sink.pad
     s_in, t_in = (s, t) if sink.identity else channel_affine(sink.channel_map.to(s.device), s, t)
     vector = not (view.transposed or view.zero_padded or pad is not None or view.input_pad
@@ -228,9 +290,9 @@ def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, built: MutableS
     device = view.weight.device
     # the layer takes over the padding's value unless it holds this padding already
     pad_value = pad.value if pad is not None and not view.input_pad else None
-    tensors = fold_into_input(layer_tensors(view), s_in.to(device), t_in.to(device), transposed=view.transposed,
-                              groups=view.groups, vector_bias=vector, pad_value=pad_value)
-    fused = put_layer(gm, view, tensors, pad.pad if pad is not None else view.input_pad, built)
+    fold = functools.partial(fold_into_input, s_in=s_in.to(device), t_in=t_in.to(device), transposed=view.transposed,
+                             groups=view.groups, vector_bias=vector, pad_value=pad_value)
+    fused = deferred.put(gm, view, fold, pad.pad if pad is not None else view.input_pad, built, defer=vector)
     if pad is not None and pad.value != 0.0:  # the graph now pads with 0; pad_kernel restores the value
         pad.node.op, pad.node.target = "call_function", F.pad
         pad.node.args, pad.node.kwargs = (call_input(pad.node), list(pad.pad)), {}  # the input now, after rewiring

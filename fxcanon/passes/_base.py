@@ -41,6 +41,13 @@ class CanonizationPass(PassBase):
     def run(self, graph_module: GraphModule) -> PassResult:
         """Run the pass (with its ``requires``/``ensures`` checks) and leave the module as it is:
         :func:`fxcanon.canonicalize.run_passes` regenerates it once after all passes."""
+        result = self.sweep(graph_module)
+        self.folder.flush(graph_module)
+        return result
+
+    def sweep(self, graph_module: GraphModule) -> PassResult:
+        """:meth:`run`, leaving the folds the folder deferred for its :meth:`~fxcanon.folders.ModuleFolder.flush`:
+        passes that share a folder and read layers only through it run one after the other so."""
         result = super().__call__(graph_module)
         assert result is not None  # every pass returns a PassResult
         return result
@@ -91,4 +98,5 @@ class CanonizationPass(PassBase):
 def _arguments(bn: BatchNormView) -> tuple[Any, ...]:
     """What a view reads from the graph: the arguments of its node and call (to compare by identity:
     an edit of a node's arguments makes new containers)."""
-    return tuple(part for node in (bn.node, bn.call) if node is not None for part in (node.args, node.kwargs))
+    node, call = bn.node, bn.call
+    return (node.args, node.kwargs) if call is None else (node.args, node.kwargs, call.args, call.kwargs)

@@ -165,6 +165,7 @@ class FoldIdentityBranch(CanonizationPass):
         modified = False
         if self.folder.graph_params:  # the fold computes tensors now: module graphs only
             return PassResult(graph_module, modified)
+        self.folder.flush(graph_module)  # it reads the layers' tensors
         for bn, entry, affine in self.batchnorms(graph_module):
             branch = _branch(graph_module, bn.node)
             if entry.folds or (branch is None and bn.node.name not in self._left):
