@@ -363,6 +363,60 @@ def test_a_layer_folded_twice_in_one_run_is_one_fused_layer():
     assert_same(model, gm, torch.randn(2, 4, 5, 5, dtype=D))
 
 
+def _affine(bn):
+    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return s, bn.bias.double() - s * bn.running_mean.double()
+
+
+def test_a_layer_folded_twice_is_computed_once_and_rounded_once():
+    """conv1 takes bn2 forward and bn1 through the ReLU: the folds are deferred to the end of the
+    run and computed together, in float64, rounded once (not once per fold)."""
+    model = randomize_batchnorms(nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 96, 1, bias=False),
+                                               nn.BatchNorm2d(96)), 1).eval()
+    gm = canonicalize(symbolic_trace(model))
+    (s1, t1), (s2, t2) = _affine(model[0]), _affine(model[3])
+    w = model[2].weight.detach().double()
+    once = (w * s2.reshape(-1, 1, 1, 1) * s1.reshape(1, -1, 1, 1)).float()
+    per_fold = ((w * s2.reshape(-1, 1, 1, 1)).float().double() * s1.reshape(1, -1, 1, 1)).float()
+    fused = gm.get_submodule("2")
+    assert torch.equal(fused.weight, once) and not torch.equal(fused.weight, per_fold)
+    bias = t2 + (w * s2.reshape(-1, 1, 1, 1)).flatten(1) @ t1
+    assert torch.allclose(fused.bias.double(), bias, rtol=1e-6, atol=1e-6)
+
+
+def test_passes_run_one_at_a_time_leave_no_fold_deferred():
+    """Each pass with a folder of its own, called as a torch.fx pass, by ``run`` or together in
+    ``run_passes``: every fold is computed before the next pass reads the layers."""
+    from fxcanon.canonicalize import run_passes
+    from fxcanon.passes import FoldBatchNormForward, FoldBatchNormThroughReLU
+    model = _pre_activation_block()
+    x = torch.randn(2, 4, 5, 5, dtype=D)
+    for call in ("call", "run", "run_passes"):
+        gm = symbolic_trace(model)
+        passes = [FoldBatchNormForward(), FoldBatchNormThroughReLU()]
+        if call == "run_passes":
+            run_passes(gm, passes)
+        else:
+            for canon_pass in passes:
+                canon_pass(gm) if call == "call" else canon_pass.run(gm)
+                conv = gm.get_submodule("2")
+                assert conv.weight.untyped_storage().data_ptr() != model[2].weight.untyped_storage().data_ptr()
+            gm.recompile()
+        assert count_batchnorms(gm) == 0, call
+        assert_same(model, gm, x)
+
+
+def test_a_deferred_fold_is_computed_before_a_fold_that_adds_a_bias_kernel():
+    """bn2 folds forward into the zero-padded conv (deferred); bn1 through the ReLU needs a bias
+    kernel there (position-dependent shift), so the deferred fold is computed first."""
+    model = prepared(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)))
+    gm = canonicalize(symbolic_trace(model))
+    into = [fold.into for entry in get_report(gm).entries.values() for fold in entry.folds]
+    assert count_batchnorms(gm) == 0 and into == ["_2", "_2"] and gm.get_submodule("2").bias_kernel is not None
+    assert_same(model, gm, torch.randn(2, 4, 5, 5, dtype=D))
+    assert_same(model, gm, torch.randn(1, 4, 8, 3, dtype=D))
+
+
 def test_refolding_a_canonized_model_leaves_its_layers_alone():
     """A second run folds into the first result's fused layer: into a new layer, with the same
     pass instances (one folder) as the first run."""
