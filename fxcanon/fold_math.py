@@ -81,13 +81,16 @@ def _scale_dim1_per_group(weight: Tensor, scale: Tensor, groups: int, dtype: tor
     return _times(grouped, scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2))), dtype).reshape(shape)
 
 
-def scale_output_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
-    """``diag(s) W``: scale each output channel (A.5), in ``weight``'s dtype (see :func:`_times`).
+def scale_output_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1,
+                          in_place: bool = False) -> Tensor:
+    """``diag(s) W``: scale each output channel (A.5), in ``weight``'s dtype (see :func:`_times`;
+    ``in_place``: ``weight`` is a float64 copy of the caller's own, scaled in place).
 
     Linear/ConvNd: dim 0. ConvTransposeNd: out-channel ``g * (out/groups) + j`` lives at
     ``weight[g * (in/groups):(g + 1) * (in/groups), j]``, so dim 1 alone is right only for groups=1.
     """
-    return _scale_dim1_per_group(weight, scale, groups) if transposed else _scale_dim0(weight, scale)
+    dtype = torch.float64 if in_place else None
+    return _scale_dim1_per_group(weight, scale, groups, dtype) if transposed else _scale_dim0(weight, scale, dtype)
 
 
 def scale_input_channels(weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
@@ -104,12 +107,15 @@ class LayerTensors:
     """The tensors of a linear-like layer; kernels have the weight's layout (see modules).
 
     Inputs are the layer's own tensors; the fold functions return new tensors for what they change
-    (biases in float64, scaled kernels rounded once to the kernel's dtype) and pass the others through."""
+    (biases in float64, scaled kernels rounded once to the kernel's dtype) and pass the others through.
+    ``scratch``: weight and kernels are float64 copies of the folds' own (:func:`float64_blocks`),
+    which a fold that reads nothing else of them scales in place."""
 
     weight: Tensor
     bias: Tensor
     bias_kernel: Tensor | None = None
     pad_kernel: Tensor | None = None
+    scratch: bool = False
 
 
 def float64_blocks(layer: LayerTensors) -> LayerTensors:
@@ -117,8 +123,8 @@ def float64_blocks(layer: LayerTensors) -> LayerTensors:
     in float64, so that folds applied one after the other are rounded once, at the end; else as it is."""
     if not _one_block(layer.weight):
         return layer
-    return LayerTensors(*(None if t is None else t.double() for t in
-                          (layer.weight, layer.bias, layer.bias_kernel, layer.pad_kernel)))  # type: ignore[arg-type]
+    bias_kernel, pad_kernel = (None if k is None else k.double() for k in (layer.bias_kernel, layer.pad_kernel))
+    return LayerTensors(layer.weight.double(), layer.bias, bias_kernel, pad_kernel, scratch=True)
 
 
 def fold_into_output(layer: LayerTensors, s: Tensor, t: Tensor, *, transposed: bool = False,
@@ -128,11 +134,11 @@ def fold_into_output(layer: LayerTensors, s: Tensor, t: Tensor, *, transposed: b
     A position-dependent bias is scaled with the weight: ``B' = s * B + t``.
     """
     def scale(kernel: Tensor) -> Tensor:
-        return scale_output_channels(kernel, s, transposed=transposed, groups=groups)
+        return scale_output_channels(kernel, s, transposed=transposed, groups=groups, in_place=layer.scratch)
 
     return LayerTensors(scale(layer.weight), s * layer.bias + t,
                         None if layer.bias_kernel is None else scale(layer.bias_kernel),
-                        None if layer.pad_kernel is None else scale(layer.pad_kernel))
+                        None if layer.pad_kernel is None else scale(layer.pad_kernel), layer.scratch)
 
 
 def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transposed: bool = False, groups: int = 1,
@@ -152,7 +158,7 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
     if vector_bias and transposed:
         raise ValueError("a transposed convolution's shift is position-dependent: vector_bias must be False")
     if vector_bias:  # one float64 copy of the weight for the shift and the product, where one block
-        weight64 = _float64_copy(layer.weight)
+        weight64 = layer.weight if layer.scratch else _float64_copy(layer.weight)
         shift = _input_shift(layer.weight if weight64 is None else weight64, t_in, groups)
         weight = scale_input_channels(layer.weight, s_in, groups=groups) if weight64 is None else \
             _scale_dim1_per_group(weight64, s_in, groups, layer.weight.dtype)

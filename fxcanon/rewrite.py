@@ -35,8 +35,8 @@ def layer_tensors(view: LinearView) -> LayerTensors:
     weight = view.weight.detach()
     bias = torch.zeros(view.out_channels, dtype=torch.float64, device=weight.device) if view.bias is None \
         else view.bias.detach().double()
-    kernels = [None if k is None else k.detach() for k in (view.bias_kernel, view.pad_kernel)]
-    return LayerTensors(weight, bias, *kernels)
+    bias_kernel, pad_kernel = (None if k is None else k.detach() for k in (view.bias_kernel, view.pad_kernel))
+    return LayerTensors(weight, bias, bias_kernel, pad_kernel)
 
 
 def _like(value: Tensor, reference: Tensor, shared: set[int]) -> nn.Parameter:
