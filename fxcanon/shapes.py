@@ -289,6 +289,7 @@ class SymbolicCone:
     def __init__(self, gm: GraphModule, start: Node, nodes: Iterable[Node], free_ones: bool = True,
                  held: tuple[int, ...] = (1,), fixed: Iterable[tuple[Node, int, int]] = ()) -> None:
         self.env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
+        self._varies: dict[Any, bool] = {}
         mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
         mode.cache_enabled = False
         device = next((t.device for t in itertools.chain(gm.parameters(), gm.buffers())), torch.device("cpu"))
@@ -370,10 +371,10 @@ class SymbolicCone:
     def expr_varies(self, size: Any) -> bool:
         """True if ``size`` (an int, SymInt or sympy expression) depends on the input sizes."""
         expr = self._expr(size)
-        if not expr.free_symbols:
-            return False
-        known = self.env._maybe_evaluate_static(sympy.Eq(expr, self.env.guarding_hint_or_throw(expr)))
-        return known is not sympy.true
+        if expr not in self._varies:  # the run is over: what the shape environment knows stays
+            self._varies[expr] = bool(expr.free_symbols) and self.env._maybe_evaluate_static(
+                sympy.Eq(expr, self.env.guarding_hint_or_throw(expr))) is not sympy.true
+        return self._varies[expr]
 
     def sizes(self, node: Node) -> tuple[Any, ...] | None:
         """The symbolic sizes of a tensor ``node`` (sympy expressions), None if it is no tensor."""
