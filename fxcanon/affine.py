@@ -29,6 +29,7 @@ does not prove the fold at every size, shapes are recorded at inputs made from t
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -259,12 +260,13 @@ def _pad_sink(gm: GraphModule, pad: ConstantPadView, graph_params: bool) -> Line
 class _ConePropagation:
     """Runs the uses of one BatchNorm on feature ids (see module docstring)."""
 
-    def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool,
-                 cone: SymbolicCone | None) -> None:
-        self.gm, self.bn, self.s, self.graph_params, self.cone = gm, bn, s, graph_params, cone
+    def __init__(self, gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> None:
+        self.gm, self.bn, self.s, self.graph_params = gm, bn, s, graph_params
+        self.cone: SymbolicCone | None = None
         self.ids: dict[Node, Any] = {}
         self.paths: dict[Node, tuple[str, ...]] = {}
         self.sinks: list[Sink] = []
+        self.steps: list[Node | Sink] = []  # the ops followed and the sinks reached, in order
         self.handled: set[Node] = set()
 
     def _meta_shape(self, node: Node) -> tuple[int, ...]:
@@ -292,6 +294,19 @@ class _ConePropagation:
             node = node.next
         return self.sinks
 
+    def check(self, cone: SymbolicCone) -> list[Sink]:
+        """The sinks of :meth:`run`, its steps checked against ``cone``'s symbolic sizes (raises
+        _Stop where a fold may not hold at every size): what following the features again with
+        the cone would check, without following them again (the recorded sizes give the same ids)."""
+        self.cone = cone
+        for step in self.steps:
+            if isinstance(step, Sink):
+                self._check_axis(step)
+            else:
+                self._check_sizes(step)
+                self._check_varying(step, self.ids[step])
+        return self.sinks
+
     def reach(self) -> set[Node]:
         """Raise _Stop unless every use of the BatchNorm reaches linear layers through ops that
         could carry it (the part of the analysis that needs no shapes); else the BatchNorm's node
@@ -314,12 +329,17 @@ class _ConePropagation:
         return reached
 
     def _sink(self, view: LinearView, node: Node, path: tuple[str, ...], pad: ConstantPadView | None = None) -> None:
-        """``view`` reads ``node`` (through ``pad``): its feature or channel axis must not vary."""
-        varying = self._varying(node)
+        """``view`` reads ``node`` (through ``pad``)."""
+        self.sinks.append(Sink(view, _channel_map(view, self.ids[node]), path, pad))
+        self.steps.append(self.sinks[-1])
+
+    def _check_axis(self, sink: Sink) -> None:
+        """A sink's feature or channel axis must not vary."""
+        view = sink.view
+        varying = self._varying(view.input if sink.pad is None else sink.pad.input)
         axis = -1 if view.spatial_dims == 0 else 1
         if varying and varying[axis]:
             raise _Stop(f"{view.node.name}: its {'feature' if axis < 0 else 'channel'} axis varies with the input size")
-        self.sinks.append(Sink(view, _channel_map(view, self.ids[node]), path, pad))
 
     def _visit(self, node: Node) -> None:
         cone_args = [arg for arg in node.all_input_nodes if arg in self.ids]
@@ -364,8 +384,7 @@ class _ConePropagation:
             raise _Stop(f"{node.name} ({node.op} {_target_name(node.target)}) mixes features non-linearly")
         if kind == "cast":
             return self.ids[cast(Node, node.args[0])]
-        if self.cone is not None:
-            self._check_sizes(node)
+        self.steps.append(node)
         joins = node.target in _JOINS
         args = map_arg(node.args, lambda n: self._lookup(n, joins))
         kwargs = map_arg(node.kwargs, lambda n: self._lookup(n, joins))
@@ -386,11 +405,14 @@ class _ConePropagation:
                 raise _Stop(f"{node.name}: max pooling needs the BatchNorm's scale, unknown here")
             if bool((self.s[channels[channels >= 0].unique()] < 0).any()):
                 raise _Stop(f"{node.name}: max pooling does not commute with a negative BatchNorm scale")
+        return out
+
+    def _check_varying(self, node: Node, out: Any) -> None:
+        """The ids of ``node`` must be constant along every dim whose size varies."""
         varying = self._varying(node)
         for tensor, dims in zip(*((out, varying) if isinstance(out, (tuple, list)) else ((out,), (varying,)))):
             if isinstance(tensor, Tensor) and not all(_constant_along(tensor, d) for d, v in enumerate(dims) if v):
                 raise _Stop(f"{node.name}: features differ along a size that varies with the input")
-        return out
 
     def _check_sizes(self, node: Node) -> None:
         """Refuse ``node`` where its feature map could depend on sizes that vary (module docstring)."""
@@ -566,7 +588,13 @@ def _direct_sink(gm: GraphModule, bn: BatchNormView, user: Node, graph_params: b
     guard = rank_guard(bn, view.batched_rank)
     if isinstance(guard, str):
         return f"{user.name}: {guard}"
-    return Sink(view, torch.arange(bn.num_features), (), pad, guard, identity=True)
+    return Sink(view, identity_map(bn.num_features), (), pad, guard, identity=True)
+
+
+@functools.lru_cache(maxsize=64)
+def identity_map(channels: int) -> Tensor:
+    """``arange(channels)``, the channel map of a direct use; one tensor per size (maps are read only)."""
+    return torch.arange(channels)
 
 
 def _size_guard(bn: BatchNormView, rank_guard: Guard | None, cone: SymbolicCone | None) -> Guard | None:
@@ -613,19 +641,19 @@ def _local_seed(bn: BatchNormView) -> Tensor | None:
 def _followed(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool,
               chosen: bool) -> BackwardFold:
     """:func:`_cone_fold` on the recorded shapes (``chosen``: sizes of our choosing, none held)."""
-    at_recorded = _ConePropagation(gm, bn, s, graph_params, None)
+    at_recorded = _ConePropagation(gm, bn, s, graph_params)
     sinks = at_recorded.run()
     nodes = list(at_recorded.ids)
     cone = None if graph_params else _symbolic_cone(gm, bn, nodes, sinks, (1,), chosen)
     if cone is not None:
         try:
-            sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
+            sinks = at_recorded.check(cone)
         except _Stop:
             rank = len(bn.node.meta["tensor_meta"].shape)
             if chosen or rank < 3:  # sizes of our own choosing are not worth holding
                 raise
             cone = _symbolic_cone(gm, bn, nodes, sinks, tuple(range(1, rank)), chosen)
-            sinks = _ConePropagation(gm, bn, s, graph_params, cone).run()
+            sinks = at_recorded.sinks if cone is None else at_recorded.check(cone)
     guard = rank_guard(bn, len(bn.node.meta["tensor_meta"].shape))
     if isinstance(guard, str):
         raise _Stop(guard)
@@ -637,8 +665,8 @@ def _followed(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params
 def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_params: bool) -> BackwardFold:
     """Every use of ``bn`` followed to linear layers (raises _Stop where that fails).
 
-    Followed at the recorded sizes first; then again with the symbolic sizes of the nodes on the
-    way and of the layers reached (their weights fix their input sizes), except in
+    Followed at the recorded sizes first; then each step checked against the symbolic sizes of
+    the nodes on the way and of the layers reached (their weights fix their input sizes), except in
     ``torch.compile`` graphs (Dynamo guards sizes itself). Where that fails at free sizes and the
     sizes come from example inputs, the BatchNorm's sizes but the batch are held (and guarded):
     its output is seeded with free sizes even where the ops before it fix them (global pooling).
@@ -647,7 +675,7 @@ def _cone_fold(gm: GraphModule, bn: BatchNormView, s: Tensor | None, graph_param
     (:func:`_local_seed`, only the ops it feeds are run); that fold stands if the symbolic run
     proves it at every size of the BatchNorm's but its channels. Otherwise shapes are recorded
     at inputs made from the graph, if the ops on the way could carry the map."""
-    cone = _ConePropagation(gm, bn, s, graph_params, None).reach()  # needs no shapes: before anything that does
+    cone = _ConePropagation(gm, bn, s, graph_params).reach()  # needs no shapes: before anything that does
     if not graph_params and "tensor_meta" not in bn.node.meta:
         seed = _local_seed(bn)
         if seed is not None:

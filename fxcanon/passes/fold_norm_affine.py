@@ -9,7 +9,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..affine import Guard, Sink
+from ..affine import Guard, Sink, identity_map
 from ..guards import insert_guard
 from ..mutation import fold_hazard
 from ..report import NOT_BEFORE_LAYER, Refusal
@@ -65,7 +65,7 @@ def plan_tail_fold(gm: GraphModule, tail: AffineTailView) -> tuple[Sink, Guard |
     elif rank is None or axis != (rank - 1 if view.spatial_dims == 0 else 1) or \
             (view.spatial_dims and rank != view.batched_rank):
         return f"{user.name}: its feature axis is not the one the {tail.kind.name} scales"
-    return Sink(view, torch.arange(view.in_channels), tuple(path), identity=True), guard
+    return Sink(view, identity_map(view.in_channels), tuple(path), identity=True), guard
 
 
 def _drop_tail(gm: GraphModule, tail: AffineTailView) -> None:
