@@ -65,6 +65,8 @@ class _Folder:
 
     def _state(self, gm: GraphModule) -> _GraphState:
         if self._seen is None or self._seen.graph_module() is not gm:
+            if self._seen is not None:  # nothing deferred is left behind
+                self._seen.deferred.flush()
             self._seen = _GraphState(weakref.ref(gm), Submodules(gm, gm.named_modules(remove_duplicate=False)))
         return self._seen
 

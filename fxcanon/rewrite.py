@@ -22,8 +22,7 @@ from .affine import Sink
 from .fold_math import (LayerTensors, batchnorm_affine, channel_affine, float64_blocks, fold_into_input, fused_input,
                         fused_output, relu_factorization)
 from .modules import FUSED_FOR
-from .report import Fold as FoldRecord
-from .report import fold_record
+from .report import Fold, fold_record
 from .views import LINEAR_MODULES, BatchNormView, LinearView, call_input, submodule
 
 # (spatial dims, transposed) -> the standard layer type
@@ -112,13 +111,13 @@ def _set_tensors(layer: nn.Module, view: LinearView, tensors: LayerTensors, inpu
         layer.input_pad = tuple(input_pad)  # type: ignore[assignment]
 
 
-Fold = Callable[[LayerTensors], LayerTensors]  # a layer's tensors -> the fused layer's
+LayerFold = Callable[[LayerTensors], LayerTensors]  # a layer's tensors -> the fused layer's
 
 
 @dataclass
 class _Pending:
     view: LinearView  # the layer when its first deferred fold came: its tensors are where the folds start
-    folds: list[Fold]
+    folds: list[LayerFold]
 
 
 class Deferred:
@@ -137,7 +136,7 @@ class Deferred:
     def __init__(self) -> None:
         self._pending: dict[nn.Module, _Pending] = {}
 
-    def put(self, gm: GraphModule, view: LinearView, fold: Fold, input_pad: tuple[int, ...],
+    def put(self, gm: GraphModule, view: LinearView, fold: LayerFold, input_pad: tuple[int, ...],
             built: MutableSet[nn.Module], defer: bool) -> Node:
         """Make ``view.node`` compute ``fold`` of its layer: later where ``defer``; a layer in
         ``built`` (made for this graph module, called at this node alone) is updated in place, any
@@ -280,7 +279,7 @@ def regenerate(gm: GraphModule) -> None:
 
 
 def fold_sink(gm: GraphModule, sink: Sink, s: Tensor, t: Tensor, built: MutableSet[nn.Module], deferred: Deferred,
-              rule: str | None = None) -> FoldRecord:
+              rule: str | None = None) -> Fold:
     """Fold ``s * x + t`` into the input of ``sink`` (see ``FoldBatchNormBackward``) and install it
     (see :meth:`Deferred.put`: deferred where it leaves the layer's tensors as they are, a vector bias)."""
     view, pad = sink.view, sink.pad
