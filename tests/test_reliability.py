@@ -384,6 +384,26 @@ def test_a_layer_folded_twice_is_computed_once_and_rounded_once():
     assert torch.allclose(fused.bias.double(), bias, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_layer_folded_twice_is_rounded_once_in_its_dtype_groups_and_memory_format(dtype, groups, channels_last):
+    model = randomize_batchnorms(nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 24, 3, groups=groups),
+                                               nn.BatchNorm2d(24)), 2).eval().to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    gm = canonicalize(symbolic_trace(model))
+    (s1, _), (s2, _) = _affine(model[0]), _affine(model[3])
+    w = model[2].weight.detach().double()
+    s1_rows = s1.reshape(groups, -1).repeat_interleave(24 // groups, 0)  # the input channels each output sees
+    fused = gm.get_submodule("2").weight
+    assert torch.equal(fused, (w * s2.reshape(-1, 1, 1, 1) * s1_rows[:, :, None, None]).to(dtype))
+    assert fused.dtype == dtype and fused.is_contiguous(memory_format=torch.channels_last) == channels_last
+    x = torch.randn(2, 16, 5, 5)
+    assert relative_error(gm(x.to(dtype)).double(), model.double()(x.double())) < (1e-5 if dtype == torch.float32
+                                                                                   else 3e-2)
+
+
 def test_passes_run_one_at_a_time_leave_no_fold_deferred():
     """Each pass with a folder of its own, called as a torch.fx pass, by ``run`` or together in
     ``run_passes``: every fold is computed before the next pass reads the layers."""
