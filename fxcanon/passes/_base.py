@@ -39,15 +39,16 @@ class CanonizationPass(PassBase):
         return result
 
     def run(self, graph_module: GraphModule) -> PassResult:
-        """Run the pass (with its ``requires``/``ensures`` checks) and leave the module as it is:
-        :func:`fxcanon.canonicalize.run_passes` regenerates it once after all passes."""
+        """Run the pass (with its ``requires``/``ensures`` checks), its folds computed, and leave the
+        code as it is: :func:`fxcanon.canonicalize.run_passes` regenerates it once after all passes."""
         result = self.sweep(graph_module)
         self.folder.flush(graph_module)
         return result
 
     def sweep(self, graph_module: GraphModule) -> PassResult:
-        """:meth:`run`, leaving the folds the folder deferred for its :meth:`~fxcanon.folders.ModuleFolder.flush`:
-        passes that share a folder and read layers only through it run one after the other so."""
+        """:meth:`run` without computing the folds the folder deferred (its ``flush`` does):
+        :func:`fxcanon.canonicalize.run_passes` sweeps passes that share a folder one after the
+        other and flushes where the folder changes and at the end."""
         result = super().__call__(graph_module)
         assert result is not None  # every pass returns a PassResult
         return result
