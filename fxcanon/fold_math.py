@@ -41,8 +41,8 @@ def _times(tensor: Tensor, factor: Tensor, dtype: torch.dtype | None = None) -> 
     into its result, so no float64 copy of a large weight is ever allocated; under
     ``torch.compile`` (one traced op) and for float64 the product is a scaled float64 copy.
 
-    With ``dtype``, ``tensor`` is a float64 copy the caller made and gives up (:func:`_float64_copy`):
-    it is scaled in place and rounded to ``dtype``.
+    With ``dtype``, ``tensor`` is a float64 copy of the caller's own (:func:`_float64_copy`,
+    :func:`float64_blocks`): it is scaled in place and rounded to ``dtype``.
     """
     if dtype is not None:
         return tensor.mul_(factor).to(dtype)
@@ -157,21 +157,19 @@ def fold_into_input(layer: LayerTensors, s_in: Tensor, t_in: Tensor, *, transpos
     """
     if vector_bias and transposed:
         raise ValueError("a transposed convolution's shift is position-dependent: vector_bias must be False")
-    if vector_bias:  # one float64 copy of the weight for the shift and the product, where one block
-        weight64 = layer.weight if layer.scratch else _float64_copy(layer.weight)
-        shift = _input_shift(layer.weight if weight64 is None else weight64, t_in, groups)
-        weight = scale_input_channels(layer.weight, s_in, groups=groups) if weight64 is None else \
-            _scale_dim1_per_group(weight64, s_in, groups, layer.weight.dtype)
-    else:
-        weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
     pad_kernel = layer.pad_kernel
     if pad_value is not None and (pad_value != 0.0 or layer.bias_kernel is not None):
         ring = layer.weight.double() * pad_value
         if layer.bias_kernel is not None:
             ring = ring + layer.bias_kernel.double()
         pad_kernel = ring if pad_kernel is None else pad_kernel + ring
-    if vector_bias:
+    if vector_bias:  # one float64 copy of the weight for the shift and the product, where one block
+        weight64 = layer.weight if layer.scratch else _float64_copy(layer.weight)
+        shift = _input_shift(layer.weight if weight64 is None else weight64, t_in, groups)
+        weight = scale_input_channels(layer.weight, s_in, groups=groups) if weight64 is None else \
+            _scale_dim1_per_group(weight64, s_in, groups, layer.weight.dtype)  # last: in place where scratch
         return replace(layer, weight=weight, bias=layer.bias + shift, pad_kernel=pad_kernel)
+    weight = scale_input_channels(layer.weight, s_in, transposed=transposed, groups=groups)
     if layer.bias_kernel is None:
         bias_kernel = scale_input_channels(layer.weight, t_in, transposed=transposed, groups=groups)
     else:  # summed in float64, rounded once

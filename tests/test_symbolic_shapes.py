@@ -181,18 +181,23 @@ class _Pooled(nn.Module):
         return nn.functional.adaptive_avg_pool2d(x, self.output_size) if self.functional else self.pool(x)
 
 
+def _cones_with_and_without_size_rules(monkeypatch, model):
+    """The symbolic run from ``model.bn`` to the model's result, with size rules and running every op."""
+    import fxcanon.shapes as shapes
+    gm = symbolic_trace(model.eval())
+    record_shapes(gm, (torch.randn(2, 8, 9, 7),))
+    nodes = list(gm.graph.nodes)
+    start, last = next(n for n in nodes if n.target == "bn"), nodes[-2]
+    cones = [SymbolicCone(gm, start, [last])]
+    monkeypatch.setattr(shapes, "_SIZE_RULES", ())
+    return (*cones, SymbolicCone(gm, start, [last])), last
+
+
 @pytest.mark.parametrize("output_size, functional", [((3, 2), True), (4, False), ((None, 2), True), ((None, 2), False)])
 def test_adaptive_average_pooling_takes_its_size_rule(monkeypatch, output_size, functional):
     """Pooling to a size given in full is not run on symbolic sizes but given its result's sizes:
     the same as running it (and run where the size is not given in full)."""
-    import fxcanon.shapes as shapes
-    gm = symbolic_trace(_Pooled(output_size, functional).eval())
-    record_shapes(gm, (torch.randn(2, 8, 9, 7),))
-    nodes = list(gm.graph.nodes)
-    start, pooled = next(n for n in nodes if n.target == "bn"), nodes[-2]
-    cones = [SymbolicCone(gm, start, [pooled])]
-    monkeypatch.setattr(shapes, "_SIZE_RULES", ())
-    cones.append(SymbolicCone(gm, start, [pooled]))
+    cones, pooled = _cones_with_and_without_size_rules(monkeypatch, _Pooled(output_size, functional))
     assert [c.sizes(pooled) for c in cones] == [cones[1].sizes(pooled)] * 2
     assert cones[0].varying(pooled) == (True, False, output_size[0] is None if isinstance(output_size, tuple)
                                         else False, False)
@@ -218,17 +223,11 @@ class _Flattened(nn.Module):
                                         ((2, 2), False), ((-4, 0), True)])
 def test_flatten_takes_its_size_rule(monkeypatch, spelling, dims, pool):
     """Flatten is not run on symbolic sizes but given its result's sizes: the same sizes as running it."""
-    import fxcanon.shapes as shapes
-    gm = symbolic_trace(_Flattened(spelling, dims, pool).eval())
-    record_shapes(gm, (torch.randn(2, 8, 9, 7),))
-    nodes = list(gm.graph.nodes)
-    start, flat = next(n for n in nodes if n.target == "bn"), nodes[-2]
-    cones = [SymbolicCone(gm, start, [flat])]
-    monkeypatch.setattr(shapes, "_SIZE_RULES", ())
-    cones.append(SymbolicCone(gm, start, [flat]))
+    from fxcanon.shapes import _Sizes
+    cones, flat = _cones_with_and_without_size_rules(monkeypatch, _Flattened(spelling, dims, pool))
     assert cones[0].sizes(flat) == cones[1].sizes(flat)
     assert cones[0].varying(flat) == cones[1].varying(flat)
-    assert isinstance(cones[0].values[flat], shapes._Sizes) and isinstance(cones[1].values[flat], torch.Tensor)
+    assert isinstance(cones[0].values[flat], _Sizes) and isinstance(cones[1].values[flat], torch.Tensor)
 
 
 def test_flatten_with_dims_out_of_order_fails_as_the_op_does():
